@@ -1,0 +1,177 @@
+"""DataModule for dense-retrieval training on (query, positive, negatives...) groups and evaluation on a BEIR split."""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from datamodules.batches import EncodeBatch, GroupBatch
+from datamodules.beir import RetrievalDataset, load_dataset
+from datamodules.groups import TrainingGroup, groups_from_qrels, read_groups
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed from values, the same in every process (unlike ``hash``)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+class EpochShuffleSampler(Sampler[tuple[int, int]]):
+    """Yields ``(epoch, index)``: a seeded shuffle per epoch, sharded across ranks, resumable.
+
+    The epoch travels with each index so that the dataset draws its per-item randomness (negatives)
+    from ``(seed, epoch, index)``: the same batches come out after a restart or on another rank count.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
+        self.size, self.seed, self.shuffle, self.rank, self.world_size = size, seed, shuffle, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = list(range(self.size))
+        if self.shuffle:
+            random.Random(stable_seed(self.seed, self.epoch)).shuffle(order)
+        per_rank = len(order) // self.world_size
+        order = order[self.rank * per_rank:(self.rank + 1) * per_rank] if self.world_size > 1 else order
+        return iter([(self.epoch, i) for i in order])
+
+    def __len__(self) -> int:
+        return self.size // self.world_size
+
+
+class GroupDataset(Dataset):
+    """One item per (query, positive) pair, with ``num_negatives`` negatives drawn per epoch."""
+
+    def __init__(self, data: RetrievalDataset, groups: dict[str, TrainingGroup], num_negatives: int, seed: int) -> None:
+        self.data, self.groups, self.num_negatives, self.seed = data, groups, num_negatives, seed
+        self.items = [(qid, pos) for qid, group in groups.items() for pos in group.positives]
+        self.positive_sets = {qid: frozenset(group.positives) for qid, group in groups.items()}
+        self._doc_ids = list(data.corpus)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[str, list[str]]:
+        epoch, index = key
+        query_id, positive = self.items[index]
+        rng = random.Random(stable_seed(self.seed, epoch, index))
+        group = self.groups[query_id]
+        negatives = list(group.negatives)
+        if len(negatives) > self.num_negatives:
+            negatives = rng.sample(negatives, self.num_negatives)
+        while len(negatives) < self.num_negatives:  # too few mined: fill with random corpus documents
+            candidate = self._doc_ids[rng.randrange(len(self._doc_ids))]
+            if candidate not in self.positive_sets[query_id] and candidate not in negatives:
+                negatives.append(candidate)
+        return query_id, [positive, *negatives]
+
+    def collate(self, items: list[tuple[str, list[str]]]) -> GroupBatch:
+        corpus, queries = self.data.corpus, self.data.queries
+        doc_ids = [docs for _, docs in items]
+        targets = torch.zeros(len(items), len(doc_ids[0]))
+        targets[:, 0] = 1.0
+        teacher = None
+        scored = [self.groups[qid].scores for qid, _ in items]
+        if all(all(d in s for d in docs) for s, docs in zip(scored, doc_ids)):
+            teacher = torch.tensor([[s[d] for d in docs] for s, docs in zip(scored, doc_ids)])
+        return GroupBatch(
+            query_ids=[qid for qid, _ in items],
+            queries=[queries[qid] for qid, _ in items],
+            doc_ids=doc_ids,
+            documents=[[corpus[d].full_text for d in docs] for docs in doc_ids],
+            targets=targets,
+            positive_ids=[self.positive_sets[qid] for qid, _ in items],
+            teacher_scores=teacher,
+        )
+
+
+class EncodeDataset(Dataset):
+    """The judged queries of the evaluation split, then the corpus sorted by length (little padding)."""
+
+    def __init__(self, data: RetrievalDataset, batch_size: int) -> None:
+        queries = list(data.judged_queries.items())
+        docs = sorted(((d, doc.full_text) for d, doc in data.corpus.items()), key=lambda x: len(x[1]), reverse=True)
+        self.batches = [
+            EncodeBatch([i for i, _ in chunk], [t for _, t in chunk], is_query)
+            for items, is_query in ((queries, True), (docs, False))
+            for chunk in (items[s:s + batch_size] for s in range(0, len(items), batch_size))
+        ]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> EncodeBatch:
+        return self.batches[index]
+
+
+class RetrievalDataModule(L.LightningDataModule):
+    """Trains on groups built from BEIR qrels (plus an optional groups JSONL of hard negatives); evaluates on a split.
+
+    Args:
+        data: dataset folder, or a name under ``$RESEARCH_DATA_DIR``.
+        train_split: qrels split to train on (``None``: evaluation only).
+        eval_split: qrels split that ``validate``/``test`` evaluate on.
+        groups_file: JSONL of mined groups (see :mod:`datamodules.groups`); its negatives become hard negatives.
+        num_negatives: hard negatives per query (topped up with random documents when a group has fewer).
+    """
+
+    def __init__(
+        self,
+        data: str,
+        train_split: str | None = "train",
+        eval_split: str | None = "test",
+        groups_file: str | None = None,
+        num_negatives: int = 0,
+        batch_size: int = 32,
+        eval_batch_size: int = 128,
+        relevance_level: int = 1,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_data: RetrievalDataset | None = None
+        self.eval_data: RetrievalDataset | None = None
+        self._train_set: GroupDataset | None = None
+
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        if stage == "fit" and hp.train_split and self._train_set is None:
+            self.train_data = load_dataset(hp.data, hp.train_split)
+            groups = groups_from_qrels(self.train_data.qrels, hp.relevance_level)
+            if hp.groups_file:
+                mined = read_groups(Path(hp.groups_file), self.train_data.queries, self.train_data.corpus)
+                for qid, group in mined.items():
+                    base = groups.get(qid)
+                    positives = group.positives or (base.positives if base else [])
+                    if positives:
+                        negatives = [n for n in group.negatives if n not in set(positives)]
+                        groups[qid] = TrainingGroup(qid, positives, negatives, group.scores)
+            self._train_set = GroupDataset(self.train_data, groups, hp.num_negatives, hp.seed)
+        if hp.eval_split and self.eval_data is None:
+            self.eval_data = load_dataset(hp.data, hp.eval_split)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self._train_set is not None, "setup('fit') has not run, or train_split is None"
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = EpochShuffleSampler(len(self._train_set), self.hparams.seed, True, rank, world)
+        return DataLoader(
+            self._train_set, batch_size=self.hparams.batch_size, sampler=sampler, drop_last=True,
+            collate_fn=self._train_set.collate, num_workers=self.hparams.num_workers,
+        )
+
+    def _eval_dataloader(self) -> DataLoader:
+        assert self.eval_data is not None, "eval_split is None"
+        return DataLoader(EncodeDataset(self.eval_data, self.hparams.eval_batch_size), batch_size=None)
+
+    val_dataloader = _eval_dataloader
+    test_dataloader = _eval_dataloader

@@ -1,0 +1,121 @@
+"""Cross-device negatives: gather embeddings from every rank with gradients flowing back to their owner.
+
+Loss convention (exact, tested): each rank scores its LOCAL queries against ALL gathered documents and takes the
+mean over its local queries; DDP then averages parameter gradients over the W ranks. With equal local batch sizes
+that average is the gradient of the mean loss over the global batch, i.e. what one process on the concatenated batch
+computes; with unequal sizes multiply the local loss by ``GroupBatch.loss_scale`` (W * B_r / N) to keep it exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    """True when a default process group with more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """Ranks in the default process group (1 when not distributed)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    """This process's rank in the default process group (0 when not distributed)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def _all_ints(values: list[int], device: torch.device | str | None) -> list[list[int]]:
+    """Every rank's ``values`` in rank order (one collective)."""
+    if not is_distributed():
+        return [values]
+    mine = torch.tensor(values, dtype=torch.long, device=device)
+    out = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, mine)
+    return [o.tolist() for o in out]
+
+
+def all_sizes(n: int, device: torch.device | str | None = None) -> list[int]:
+    """Every rank's ``n`` in rank order (a collective: all ranks must call it)."""
+    return [v[0] for v in _all_ints([n], device)]
+
+
+def local_offset(n: int, device: torch.device | str | None = None) -> int:
+    """Global index of this rank's first row once rows of size ``n`` per rank are gathered in rank order (a collective)."""
+    return sum(all_sizes(n, device)[: rank()])
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 (sizes may differ per rank); backward SUMs the gradient over ranks and keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, sizes: list[int]) -> Tensor:
+        r, longest = dist.get_rank(), max(sizes)
+        padded = F.pad(t, (0, 0) * (t.dim() - 1) + (0, longest - t.shape[0])).contiguous()
+        buffers = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(buffers, padded)
+        ctx.start, ctx.size = sum(sizes[:r]), sizes[r]
+        return torch.cat([b[:n] for b, n in zip(buffers, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        # SUM, not mean: rank r's rows enter the loss of every rank s, so d(sum_s L_s)/dx_r = sum_s dL_s/dgathered_s[r];
+        # DDP's division by W then turns that into d((1/W) sum_s L_s)/dθ, the single-process gradient of the global mean.
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.start : ctx.start + ctx.size], None
+
+
+def gather_with_grad(t: Tensor) -> Tensor:
+    """``t`` from every rank concatenated along dim 0 in rank order, differentiable; ``t`` itself when not distributed."""
+    if not is_distributed():
+        return t
+    return _GatherWithGrad.apply(t, all_sizes(t.shape[0], t.device))
+
+
+@dataclass(frozen=True)
+class GroupBatch:
+    """Local queries scored against the documents of every rank, with each local query's positive column."""
+
+    queries: Tensor  # [B, D] this rank's queries
+    docs: Tensor  # [M, D] all ranks' documents in rank order, each query's group (positive first) contiguous
+    positives: Tensor  # [B] long: column of local query i's positive in ``docs``
+    all_queries: Tensor | None  # [N, D] all ranks' queries (with gradient) when requested, else None
+    query_offset: int  # global row of local query 0
+    doc_offset: int  # global column of this rank's first document
+    query_sizes: tuple[int, ...]  # every rank's number of queries
+
+    def targets(self) -> Tensor:
+        """One-hot ``[B, M]`` targets marking each local query's positive, for ``RankingLoss(scores, targets)``."""
+        targets = torch.zeros(self.queries.shape[0], self.docs.shape[0], device=self.docs.device)
+        return targets.scatter_(1, self.positives[:, None], 1.0)
+
+    @property
+    def loss_scale(self) -> float:
+        """W * B_r / N: multiply the local mean loss by it so DDP's average is the global mean even for unequal B_r."""
+        return len(self.query_sizes) * self.query_sizes[rank()] / sum(self.query_sizes)
+
+
+def gather_group_batch(query_emb: Tensor, doc_emb: Tensor, gather_queries: bool = False) -> GroupBatch:
+    """Gather documents ``[B*(1+n), D]`` (query i's positive at row i*(1+n), its n hard negatives right after) from all ranks."""
+    b, m = query_emb.shape[0], doc_emb.shape[0]
+    if b == 0 or m % b:
+        raise ValueError(f"gather_group_batch: {m} documents are not a whole number of groups for {b} queries")
+    q_sizes, d_sizes = map(list, zip(*_all_ints([b, m], doc_emb.device)))
+    r, gather = rank(), is_distributed()
+    doc_offset = sum(d_sizes[:r])
+    return GroupBatch(
+        queries=query_emb,
+        docs=_GatherWithGrad.apply(doc_emb, d_sizes) if gather else doc_emb,
+        positives=doc_offset + torch.arange(b, device=doc_emb.device) * (m // b),
+        all_queries=(_GatherWithGrad.apply(query_emb, q_sizes) if gather else query_emb) if gather_queries else None,
+        query_offset=sum(q_sizes[:r]),
+        doc_offset=doc_offset,
+        query_sizes=tuple(q_sizes),
+    )

@@ -1,0 +1,1 @@
+"""Pure torch / Hugging Face models that round-trip through ``save_pretrained``."""
