@@ -94,14 +94,21 @@ def download_beir(name: str, root: Path) -> Path:
                 f"dataset '{name}' is not under {root} and downloading {url} failed ({err}); "
                 f"put the BEIR folder there or set RESEARCH_DATA_DIR"
             ) from None
-        with zipfile.ZipFile(archive) as zf:
-            zf.extractall(Path(tmp) / "unpacked")
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(Path(tmp) / "unpacked")
+        except (zipfile.BadZipFile, OSError) as err:
+            raise ResearchError(f"{url}: not a readable zip archive ({err})") from None
         unpacked = Path(tmp) / "unpacked"
         inner = unpacked / name if (unpacked / name).is_dir() else unpacked
         if not (inner / "corpus.jsonl").is_file():
             raise ResearchError(f"{url}: archive has no {name}/corpus.jsonl")
         target = root / name
-        os.replace(inner, target)
+        try:
+            os.replace(inner, target)
+        except OSError:  # another process (e.g. another DDP rank) unpacked it first
+            if not (target / "corpus.jsonl").is_file():
+                raise
     return target
 
 
@@ -111,7 +118,8 @@ def load_corpus(path: str | Path) -> dict[str, Document]:
         doc_id = _read_id(record, path, line)
         if doc_id in corpus:
             raise DataFormatError(path, line, "_id", f"duplicate id '{doc_id}'")
-        title = record.get("title") or ""
+        title = record.get("title")
+        title = "" if title is None else title  # absent or null; any other non-string (0, [], false) is an error
         if not isinstance(title, str):
             raise DataFormatError(path, line, "title", f"expected string, got {type(title).__name__}")
         text = require_field(record, "text", str, path, line, allow_empty=True)

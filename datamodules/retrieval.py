@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from datamodules.batches import EncodeBatch, GroupBatch
 from datamodules.beir import RetrievalDataset, load_dataset
 from datamodules.groups import TrainingGroup, groups_from_qrels, read_groups
+from research.errors import ResearchError
+from research.reliability import ResumableDataLoader
 
 
 def stable_seed(*parts: object) -> int:
@@ -50,11 +52,17 @@ class EpochShuffleSampler(Sampler[tuple[int, int]]):
 class GroupDataset(Dataset):
     """One item per (query, positive) pair, with ``num_negatives`` negatives drawn per epoch."""
 
-    def __init__(self, data: RetrievalDataset, groups: dict[str, TrainingGroup], num_negatives: int, seed: int) -> None:
+    def __init__(self, data: RetrievalDataset, groups: dict[str, TrainingGroup], num_negatives: int, seed: int,
+                 relevant: dict[str, set[str]] | None = None) -> None:
         self.data, self.groups, self.num_negatives, self.seed = data, groups, num_negatives, seed
         self.items = [(qid, pos) for qid, group in groups.items() for pos in group.positives]
-        self.positive_sets = {qid: frozenset(group.positives) for qid, group in groups.items()}
+        # every document known relevant (the group's positives and the qrels'): never a negative, masked in-batch
+        relevant = relevant or {}
+        self.positive_sets = {qid: frozenset(group.positives) | frozenset(relevant.get(qid, ())) for qid, group in groups.items()}
         self._doc_ids = list(data.corpus)
+        available = len(self._doc_ids) - max((len(s) for s in self.positive_sets.values()), default=0)
+        if num_negatives > available:  # the random top-up below could never finish
+            raise ResearchError(f"num_negatives={num_negatives} but the corpus has only {available} non-relevant documents for some query")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -147,15 +155,17 @@ class RetrievalDataModule(L.LightningDataModule):
         if stage == "fit" and hp.train_split and self._train_set is None:
             self.train_data = load_dataset(hp.data, hp.train_split)
             groups = groups_from_qrels(self.train_data.qrels, hp.relevance_level)
+            relevant = {qid: set(group.positives) for qid, group in groups.items()}
             if hp.groups_file:
                 mined = read_groups(Path(hp.groups_file), self.train_data.queries, self.train_data.corpus)
                 for qid, group in mined.items():
                     base = groups.get(qid)
                     positives = group.positives or (base.positives if base else [])
                     if positives:
-                        negatives = [n for n in group.negatives if n not in set(positives)]
+                        known = set(positives) | relevant.get(qid, set())
+                        negatives = [n for n in group.negatives if n not in known]
                         groups[qid] = TrainingGroup(qid, positives, negatives, group.scores)
-            self._train_set = GroupDataset(self.train_data, groups, hp.num_negatives, hp.seed)
+            self._train_set = GroupDataset(self.train_data, groups, hp.num_negatives, hp.seed, relevant)
         if hp.eval_split and self.eval_data is None:
             self.eval_data = load_dataset(hp.data, hp.eval_split)
 
@@ -164,7 +174,7 @@ class RetrievalDataModule(L.LightningDataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = EpochShuffleSampler(len(self._train_set), self.hparams.seed, True, rank, world)
-        return DataLoader(
+        return ResumableDataLoader(  # its position within the epoch survives a checkpoint (research.reliability)
             self._train_set, batch_size=self.hparams.batch_size, sampler=sampler, drop_last=True,
             collate_fn=self._train_set.collate, num_workers=self.hparams.num_workers,
         )

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 
 import lightning as L
 import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, ParallelStrategy
 from torch import Tensor, nn
 from transformers import get_linear_schedule_with_warmup
 
 from datamodules.batches import EncodeBatch, GroupBatch
+from research.distributed import all_gather_rows, gather_group_batch, id_hashes, is_distributed, world_size
+from research.embedding_cache import EmbeddingCache, fingerprint
 from research.evaluation import DEFAULT_METRICS, Evaluation, dense_search, evaluate_run
+from research.gradcache import GradCache
 from research.losses import InfoNCE, RankingLoss
 from research.models.bi_encoder import BiEncoder
 
@@ -25,6 +33,24 @@ class BiEncoderModule(L.LightningModule):
         in_batch_negatives: score each query against every document of the batch (else only its own group).
         distill: use the batch's teacher scores as targets (MarginMSE, KL), instead of labels.
         pooling, normalize, prefixes, max lengths, shared_towers: override what the model directory says.
+        gather_across_devices: with in-batch negatives under a multi-process strategy, score each rank's queries
+            against the documents of ALL ranks (gathered with gradient, :mod:`research.distributed`), so the loss and
+            gradients equal one process on the concatenated global batch. Off: each rank sees only its own documents.
+            No effect without in-batch negatives (each query's own group is already complete on its rank).
+        gradcache_chunk_size: train with GradCache (:mod:`research.gradcache`): embed the batch in chunks of this many
+            texts without a graph, take the loss gradient w.r.t. the embeddings, then re-embed and backpropagate chunk
+            by chunk. Same gradients as full-batch backprop, activation memory of one chunk. Switches the module to
+            manual optimisation (it steps optimizer and LR scheduler itself, clips with ``Trainer(gradient_clip_val)``);
+            ``accumulate_grad_batches`` must stay 1. Supported on one device, ``ddp`` and fully_shard
+            (``ModelParallelStrategy``); refused under DeepSpeed and Lightning's ``fsdp`` (not verified there).
+        cache_corpus_embeddings: reuse corpus embeddings from :mod:`research.embedding_cache` when the weights,
+            settings, precision and corpus are unchanged (evaluation only; the key hashes every parameter).
+        gradient_checkpointing: activation checkpointing in the backbone(s) (transformers'
+            ``activation_checkpointing_enable``, non-reentrant): recompute layer activations in backward.
+
+    Gradient accumulation (``Trainer(accumulate_grad_batches=k)``) is NOT a larger contrastive batch: each micro-batch
+    still sees only its own in-batch negatives, so the loss is the average of k small-batch losses. To train with the
+    negatives of a large batch use ``gradcache_chunk_size`` (one device) and/or ``gather_across_devices`` (many).
     """
 
     def __init__(
@@ -48,63 +74,247 @@ class BiEncoderModule(L.LightningModule):
         eval_top_k: int = 100,
         metrics: tuple[str, ...] = DEFAULT_METRICS,
         trust_remote_code: bool = False,
+        gather_across_devices: bool = False,
+        gradcache_chunk_size: int | None = None,
+        gradient_checkpointing: bool = False,
+        cache_corpus_embeddings: bool = True,
     ) -> None:
         super().__init__()
+        if gradcache_chunk_size is not None and gradcache_chunk_size < 1:
+            raise ValueError(f"gradcache_chunk_size must be >= 1 (or None), got {gradcache_chunk_size}")
         self.save_hyperparameters(ignore=["loss"])
-        self.encoder = BiEncoder.from_pretrained(
-            model, trust_remote_code=trust_remote_code, pooling=pooling, normalize=normalize,
-            query_prefix=query_prefix, document_prefix=document_prefix, query_max_length=query_max_length,
-            document_max_length=document_max_length, shared_towers=shared_towers,
-        )
+        self.encoder = self._load_encoder()
         if shared_towers is False and self.encoder.document_encoder is None:
             raise ValueError("shared_towers=False needs a model saved with separate towers")
         self.loss = loss if loss is not None else InfoNCE()
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)), requires_grad=learn_temperature)
         self._encoded: dict[bool, tuple[list[str], list[Tensor]]] = {}
         self.last_evaluation: Evaluation | None = None
+        self._full_state: dict[str, dict[str, Tensor]] | None = None  # gathered weights of sharded towers, for saving
+        if gradient_checkpointing:  # non-reentrant: safe with DDP, FSDP and several backward passes (GradCache)
+            for tower in self.towers():
+                if hasattr(tower, "activation_checkpointing_enable"):  # transformers >= 5
+                    tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def _load_encoder(self) -> BiEncoder:
+        hp = self.hparams
+        return BiEncoder.from_pretrained(
+            hp.model, trust_remote_code=hp.trust_remote_code, pooling=hp.pooling, normalize=hp.normalize,
+            query_prefix=hp.query_prefix, document_prefix=hp.document_prefix, query_max_length=hp.query_max_length,
+            document_max_length=hp.document_max_length, shared_towers=hp.shared_towers,
+        )
 
     @property
     def scale(self) -> Tensor:
         return self.log_scale.exp().clamp(max=100.0)
 
-    def score_batch(self, batch: GroupBatch) -> tuple[Tensor, Tensor, Tensor]:
-        """Scores, targets and mask for the loss: ``[B, B*(1+n)]`` with in-batch negatives, else ``[B, 1+n]``."""
+    def towers(self) -> list[nn.Module]:
+        """The backbone(s): the query tower, and the document tower when the towers are separate."""
+        return [self.encoder.query_encoder] + ([self.encoder.document_encoder] if self.encoder.document_encoder is not None else [])
+
+    # ------------------------------------------------------------------ scoring: one path for every mode
+    def embed(self, batch: GroupBatch) -> tuple[Tensor, Tensor]:
+        """Query embeddings ``[B, D]`` and document embeddings ``[B*(1+n), D]`` (query i's group at rows i*(1+n)...)."""
         queries = self.encoder(batch.queries, is_query=True)
-        flat_docs = [d for group in batch.documents for d in group]
-        documents = self.encoder(flat_docs, is_query=False)
+        documents = self.encoder([d for group in batch.documents for d in group], is_query=False)
+        return queries, documents
+
+    def score_batch(self, batch: GroupBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """Scores, targets and mask for the loss: ``[B, B*(1+n)]`` with in-batch negatives, else ``[B, 1+n]``
+        (``[B, W*B*(1+n)]``, all ranks' documents, with ``gather_across_devices`` under W processes)."""
+        return self.score_embeddings(batch, *self.embed(batch))
+
+    def score_embeddings(self, batch: GroupBatch, queries: Tensor, documents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`score_batch` from embeddings already computed (by :meth:`embed`, or chunk-wise by GradCache)."""
+        return self._score(batch, queries, documents)[:3]
+
+    def _score(self, batch: GroupBatch, queries: Tensor, documents: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
+        """Scores, targets, mask and the factor (W * B_r / N, 1 for equal local batches) that makes DDP's gradient
+        average over ranks the gradient of the global mean loss."""
         size, group = len(batch), batch.group_size
         targets = batch.teacher_scores if self.hparams.distill else batch.targets
         if targets is None:
             raise ValueError("distill=True needs teacher scores in the training groups")
-        targets = targets.to(self.device)
+        targets = targets.to(device=queries.device, dtype=torch.float32)
         if not self.hparams.in_batch_negatives:
             scores = torch.einsum("bd,bnd->bn", queries, documents.view(size, group, -1)) * self.scale
-            return scores, targets, torch.ones_like(scores, dtype=torch.bool)
+            return scores, targets, torch.ones_like(scores, dtype=torch.bool), 1.0
+        doc_keys = id_hashes([d for ids in batch.doc_ids for d in ids], queries.device)
+        offset, loss_scale = 0, 1.0
+        if self.hparams.gather_across_devices and is_distributed():
+            gathered = gather_group_batch(queries, documents)  # local queries x every rank's documents
+            documents, offset, loss_scale = gathered.docs, gathered.doc_offset, gathered.loss_scale
+            doc_keys = all_gather_rows(doc_keys, gathered.doc_sizes)
         scores = queries @ documents.T * self.scale
-        full_targets = torch.zeros_like(scores)
-        mask = torch.ones_like(scores, dtype=torch.bool)
-        flat_ids = [d for ids in batch.doc_ids for d in ids]
-        for i in range(size):
-            own = slice(i * group, (i + 1) * group)
-            full_targets[i, own] = targets[i]
-            for j, doc_id in enumerate(flat_ids):  # another row's copy of one of my positives is no negative
-                if doc_id in batch.positive_ids[i] and not (own.start <= j < own.stop):
-                    mask[i, j] = False
-        return scores, full_targets, mask
+        own = offset + torch.arange(size, device=scores.device)[:, None] * group + torch.arange(group, device=scores.device)
+        full_targets = torch.zeros(scores.shape, device=scores.device).scatter_(1, own, targets)
+        in_own_group = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(1, own, True)
+        # another row's copy of one of my positives (on any rank) is no negative: compare hashed ids
+        positives = [sorted(p) for p in batch.positive_ids]
+        width = max(1, max(map(len, positives)))
+        positive_keys = torch.zeros(size, width, dtype=torch.long, device=scores.device)
+        positive_valid = torch.zeros(size, width, dtype=torch.bool, device=scores.device)
+        for i, ids in enumerate(positives):
+            if ids:
+                positive_keys[i, : len(ids)] = id_hashes(ids, scores.device)
+                positive_valid[i, : len(ids)] = True
+        is_positive = ((doc_keys[None, :, None] == positive_keys[:, None, :]) & positive_valid[:, None, :]).any(-1)
+        return scores, full_targets, ~(is_positive & ~in_own_group), loss_scale
 
-    def training_step(self, batch: GroupBatch, batch_idx: int) -> Tensor:
-        scores, targets, mask = self.score_batch(batch)
+    def _loss(self, batch: GroupBatch, queries: Tensor, documents: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss to backpropagate (local mean times the rank scale) and its named terms (unscaled, for logging)."""
+        scores, targets, mask, loss_scale = self._score(batch, queries, documents)
         terms = self.loss.terms(scores, targets, mask)
         loss = torch.stack(list(terms.values())).sum()
+        return loss * loss_scale if loss_scale != 1.0 else loss, terms
+
+    def _log_training(self, batch: GroupBatch, terms: dict[str, Tensor]) -> None:
+        loss = torch.stack([t.detach() for t in terms.values()]).sum()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         if len(terms) > 1:
-            self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=len(batch))
+            self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=len(batch))
         if self.hparams.learn_temperature:
-            self.log("train/temperature", 1.0 / self.scale, batch_size=len(batch))
+            self.log("train/temperature", 1.0 / self.scale.detach(), batch_size=len(batch))
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: GroupBatch, batch_idx: int) -> Tensor | None:
+        if not self.automatic_optimization:
+            return self._gradcache_step(batch)
+        loss, terms = self._loss(batch, *self.embed(batch))
+        self._log_training(batch, terms)
         return loss
 
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or not self.hparams.gradcache_chunk_size:
+            return
+        strategy = self.trainer.strategy
+        if isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy)):
+            raise ValueError(f"gradcache_chunk_size is not verified under {type(strategy).__name__}: use ddp or "
+                             "fully_shard (experiments/strategies/model_parallel_fully_shard.yaml)")
+        if self.trainer.accumulate_grad_batches != 1:
+            raise ValueError("gradcache_chunk_size replaces gradient accumulation: set accumulate_grad_batches=1 and "
+                             "raise the batch size instead (GradCache keeps the memory of one chunk)")
+        # Manual optimisation is switched on here rather than in __init__: Lightning's configuration check (before
+        # setup) forbids Trainer(gradient_clip_val=...) with manual optimisation, and we honour it ourselves.
+        self.automatic_optimization = False
+
+    def on_train_start(self) -> None:
+        self.encoder.train()  # from_pretrained returns the backbone in eval mode: dropout on for training
+        model = self.trainer.strategy.model
+        if (not self.automatic_optimization and self.encoder.document_encoder is not None
+                and isinstance(model, nn.parallel.DistributedDataParallel) and not model.find_unused_parameters):
+            raise ValueError("GradCache with separate towers under DDP: the synchronised backward (the last document "
+                             "chunk) does not reach the query tower; use DDPStrategy(find_unused_parameters=True)")
+
+    def _gradcache_step(self, batch: GroupBatch) -> None:
+        """One optimizer step with GradCache: chunked embedding, cached embedding gradients, chunked backward."""
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        optimizer.zero_grad()
+        queries = {k: v.to(self.device) for k, v in self.encoder.tokenize(batch.queries, is_query=True).items()}
+        flat_docs = [d for group in batch.documents for d in group]
+        documents = {k: v.to(self.device) for k, v in self.encoder.tokenize(flat_docs, is_query=False).items()}
+        logged: dict[str, dict[str, Tensor]] = {}
+
+        def loss_fn(q: Tensor, d: Tensor) -> Tensor:
+            loss, logged["terms"] = self._loss(batch, q, d)
+            return loss
+
+        GradCache(self.hparams.gradcache_chunk_size).step(
+            [(partial(self._encode_chunk, is_query=True), queries), (partial(self._encode_chunk, is_query=False), documents)],
+            loss_fn, backward=self.manual_backward, no_sync=self._no_sync,
+        )
+        optimizer.step()  # runs on_before_optimizer_step (clipping) after precision unscaling
+        if scheduler is not None:
+            scheduler.step()
+        self._log_training(batch, logged["terms"])
+
+    def _encode_chunk(self, inputs: dict[str, Tensor], is_query: bool) -> Tensor:
+        """Embed one chunk of a batch tokenized as a whole, without the padding columns it does not need."""
+        if self.encoder.tokenizer.padding_side == "right":
+            length = int(inputs["attention_mask"].sum(1).max())
+            inputs = {k: v[:, :length] for k, v in inputs.items()}
+        return self.encoder.encode(inputs, is_query)
+
+    @contextmanager
+    def _no_sync(self) -> Iterator[None]:
+        """No gradient synchronisation for a GradCache chunk's backward (the last chunk syncs the accumulated sum).
+
+        DDP: ``strategy.block_backward_sync()``, i.e. ``DistributedDataParallel.no_sync`` (Lightning's manual
+        optimisation prepares the reducer in ``manual_backward`` only outside it). fully_shard: each sharded
+        module's ``set_requires_gradient_sync(False)``. One device: nothing to do.
+        """
+        strategy = self.trainer.strategy
+        if isinstance(strategy, ModelParallelStrategy):
+            from torch.distributed.fsdp import FSDPModule
+
+            sharded = [m for m in self.modules() if isinstance(m, FSDPModule)]
+            for module in sharded:
+                module.set_requires_gradient_sync(False, recurse=False)
+            try:
+                yield
+            finally:
+                for module in sharded:
+                    module.set_requires_gradient_sync(True, recurse=False)
+        elif isinstance(strategy, ParallelStrategy):
+            with strategy.block_backward_sync():
+                yield
+        else:  # one device: nothing to synchronise
+            yield
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if isinstance(self.trainer.strategy, ModelParallelStrategy) and self.log_scale.grad is not None and is_distributed():
+            # log_scale lives outside the fully_shard-ed backbone: average its gradient over ranks as DDP would
+            dist.all_reduce(self.log_scale.grad)
+            self.log_scale.grad /= world_size()
+        if not self.automatic_optimization:  # Lightning clips only in automatic optimisation
+            self.clip_gradients(optimizer)
+
+    # ------------------------------------------------------------------ sharding (ModelParallelStrategy: fully_shard)
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (e.g. ``research.strategies.FullyShardStrategy``): FSDP2 ``fully_shard``
+        each transformer block (the backbone's ``_no_split_modules``) and then each tower, over the data-parallel mesh."""
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        mesh = self.device_mesh
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() != 1:
+            raise ValueError("BiEncoderModule shards over data parallelism only: use tensor_parallel_size=1 "
+                             "(research.strategies.FullyShardStrategy)")
+        data_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        for tower in self.towers():
+            if isinstance(tower, FSDPModule):  # configure_model runs again on a second fit/test
+                continue
+            blocks = set(getattr(tower, "_no_split_modules", None) or ())
+            for module in list(tower.modules()):
+                if module is not tower and type(module).__name__ in blocks:
+                    fully_shard(module, mesh=data_mesh)
+            fully_shard(tower, mesh=data_mesh)
+
     # evaluation: encode queries and corpus in steps, search and score at epoch end
+    def _start_evaluation(self) -> None:
+        """Look the corpus embeddings up in the cache (when enabled): a hit skips the corpus batches."""
+        self._cached_corpus = self._cache_key = None
+        data = getattr(self.trainer, "datamodule", None)
+        if not self.hparams.cache_corpus_embeddings or getattr(data, "eval_data", None) is None or is_distributed():
+            return
+        settings = {"config": vars(self.encoder.config), "precision": str(self.trainer.precision), "model": "bi-encoder"}
+        corpus = ((doc_id, doc.full_text) for doc_id, doc in data.eval_data.corpus.items())
+        self._cache_key = fingerprint(self.encoder, settings, corpus)
+        self._cached_corpus = EmbeddingCache().load(self._cache_key)
+
+    def on_validation_start(self) -> None:
+        self._start_evaluation()
+
+    def on_test_start(self) -> None:
+        self._start_evaluation()
+
     def _encode_step(self, batch: EncodeBatch) -> None:
+        if not batch.is_query and getattr(self, "_cached_corpus", None) is not None:
+            return
         ids, embeddings = self._encoded.setdefault(batch.is_query, ([], []))
         ids.extend(batch.ids)
         embeddings.append(self.encoder(batch.texts, batch.is_query).float().cpu())
@@ -117,11 +327,16 @@ class BiEncoderModule(L.LightningModule):
 
     def _evaluate(self, stage: str) -> None:
         encoded, self._encoded = self._encoded, {}
+        cached, key = getattr(self, "_cached_corpus", None), getattr(self, "_cache_key", None)
+        if cached is not None:
+            encoded[False] = (cached[0], [cached[1]])
         if True not in encoded or False not in encoded:
             return
         datamodule = self.trainer.datamodule
         query_ids, query_emb = encoded[True][0], torch.cat(encoded[True][1])
         doc_ids, doc_emb = encoded[False][0], torch.cat(encoded[False][1])
+        if cached is None and key is not None and self.trainer.is_global_zero:
+            EmbeddingCache().save(key, doc_ids, doc_emb)
         run = dense_search(query_emb, doc_emb, query_ids, doc_ids, k=self.hparams.eval_top_k)
         self.last_evaluation = evaluate_run(run, datamodule.eval_data.qrels, self.hparams.metrics, datamodule.hparams.relevance_level)
         self.log_dict({f"{stage}/{k}": v for k, v in self.last_evaluation.metrics.aggregate.items()}, sync_dist=False)
@@ -137,13 +352,40 @@ class BiEncoderModule(L.LightningModule):
         for name, param in self.named_parameters():
             if param.requires_grad:
                 (no_decay if param.dim() < 2 or "LayerNorm" in name or name == "log_scale" else decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr,
-        )
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if self._offloads_optimizer():  # ZeRO-Offload refuses torch optimizers: DeepSpeed's CPU AdamW, same update
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=self.hparams.lr, adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _offloads_optimizer(self) -> bool:
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy.config, dict):
+            return False
+        offload = strategy.config.get("zero_optimization", {}).get("offload_optimizer") or {}
+        return offload.get("device", "none") not in ("none", None)
+
+    def on_fit_end(self) -> None:
+        """Under fully_shard the towers hold shards: gather full weights now, while every rank takes part, so that
+        rank 0 alone can ``save_pretrained`` afterwards (the CLI saves on rank 0 only)."""
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy) or not is_distributed():
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors on rank 0 only
+        self._full_state = {name: get_model_state_dict(getattr(self.encoder, name), options=options)
+                            for name in ("query_encoder", "document_encoder") if getattr(self.encoder, name) is not None}
+
     def save_pretrained(self, directory) -> None:
-        self.encoder.save_pretrained(directory)
+        if self._full_state is None:
+            self.encoder.save_pretrained(directory)
+            return
+        plain = self._load_encoder()  # unsharded copy with the gathered weights
+        for name, state in self._full_state.items():
+            getattr(plain, name).load_state_dict(state)
+        plain.save_pretrained(directory)

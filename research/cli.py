@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -28,15 +28,15 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _print_metrics(title: str, metrics: dict[str, float]) -> None:
-    print(f"{title}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-
-
 # ---------------------------------------------------------------- Lightning subcommands
 def run_lightning(argv: list[str]) -> None:
     from lightning.pytorch.cli import LightningCLI
 
+    from research.commands.retrieval import print_metrics as _print_metrics
+    from research.callbacks import RedactingSaveConfigCallback
     from research.evaluation import save_evaluation
+    from research.reliability import (DEFAULT_CHECKPOINT_EVERY_N_STEPS, atomic_directory, check_resume,
+                                      default_callbacks, install_atomic_checkpoint_io, one_line_config_errors)
     from research.tracking import default_logger, write_run_info
 
     class ResearchCLI(LightningCLI):
@@ -48,6 +48,17 @@ def run_lightning(argv: list[str]) -> None:
             parser.add_argument("--evaluate_before_fit", type=bool, default=False, help="test the starting model first")
             parser.add_argument("--test_after_fit", type=bool, default=True, help="test the trained model after fit")
             parser.add_argument("--save_model", type=bool, default=True, help="save_pretrained into <run_dir>/model")
+            parser.add_argument("--skip_nonfinite_batches", type=bool, default=False, help="skip (not stop on) NaN/Inf losses")
+            parser.add_argument("--checkpoint_every_n_steps", type=int, default=DEFAULT_CHECKPOINT_EVERY_N_STEPS,
+                                help="step interval of the default checkpoint <run_dir>/checkpoints/last.ckpt (0: none)")
+
+        def parse_arguments(self, parser, args) -> None:
+            self._argv = list(args or [])
+            with one_line_config_errors(args):  # config problems: one line naming file, line and field
+                super().parse_arguments(parser, args)
+            config = self.config.get(self.config.get("subcommand") or "", None)
+            if config is not None:  # never overwrite an earlier run's checkpoints unasked; explain --ckpt_path last
+                check_resume(self.config["subcommand"], config.get("run_dir"), config.get("ckpt_path"), self._argv)
 
         def instantiate_trainer(self, **kwargs):
             config = self.config[self.subcommand]
@@ -57,18 +68,28 @@ def run_lightning(argv: list[str]) -> None:
             run_dir.mkdir(parents=True, exist_ok=True)
             self.run_dir = run_dir
             trainer_config = self.config_init[self.subcommand].get("trainer", {})
+            kwargs["callbacks"] = default_callbacks(
+                trainer_config.get("callbacks"), enable_checkpointing=trainer_config.get("enable_checkpointing"),
+                skip_nonfinite_batches=config.get("skip_nonfinite_batches", False),
+                checkpoint_every_n_steps=config.get("checkpoint_every_n_steps", DEFAULT_CHECKPOINT_EVERY_N_STEPS))
             if trainer_config.get("logger") in (None, True):
                 kwargs["logger"] = default_logger(run_dir, name=f"{name}/{run_dir.name}", group=name)
             kwargs["default_root_dir"] = str(run_dir)
             write_run_info(run_dir, seed=config.get("seed_everything"))
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
+            install_atomic_checkpoint_io(trainer)  # temp file + fsync + rename; loads with weights_only=True
+            for callback in trainer.checkpoint_callbacks:  # checkpoints live in the run directory
+                if callback.dirpath is None:
+                    callback.dirpath = str(run_dir / "checkpoints")
+            return trainer
 
         def _test_into(self, folder: str) -> dict[str, float] | None:
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
             evaluation = getattr(self.model, "last_evaluation", None)
             if evaluation is None:
                 return None
-            save_evaluation(self.run_dir / folder, evaluation)
+            if self.trainer.is_global_zero:  # every rank runs the test loop (it has barriers); rank 0 writes
+                save_evaluation(self.run_dir / folder, evaluation)
             return evaluation.metrics.aggregate
 
         def before_fit(self) -> None:
@@ -78,11 +99,12 @@ def run_lightning(argv: list[str]) -> None:
                 _print_metrics("before fit", self._before)
 
         def after_fit(self) -> None:
-            if self.trainer.global_rank != 0 and self.trainer.world_size > 1:
-                return
-            if self.config.fit.save_model and hasattr(self.model, "save_pretrained"):
-                self.model.save_pretrained(self.run_dir / "model")
+            if self.config.fit.save_model and hasattr(self.model, "save_pretrained") and self.trainer.is_global_zero:
+                with atomic_directory(self.run_dir / "model") as folder:  # a complete model, or the previous one
+                    self.model.save_pretrained(folder)
             after = self._test_into("eval_after") if self.config.fit.test_after_fit else None
+            if not self.trainer.is_global_zero:
+                return
             if self._before:
                 _print_metrics("before fit", self._before)
             if after:
@@ -95,10 +117,12 @@ def run_lightning(argv: list[str]) -> None:
                 save_evaluation(self.run_dir / "eval", evaluation)
                 _print_metrics("test", evaluation.metrics.aggregate)
 
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # main() passes argv
     ResearchCLI(
         args=argv,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        save_config_callback=RedactingSaveConfigCallback,  # secrets redacted, written atomically
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"use_distributed_sampler": False},
         parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
@@ -113,76 +137,21 @@ def _has_omegaconf() -> bool:
     return True
 
 
-# ---------------------------------------------------------------- evaluation tools
-def _trainer(precision: str):
-    import lightning as L
-
-    return L.Trainer(accelerator="auto", devices=1, precision=precision, logger=False, enable_checkpointing=False,
-                     enable_model_summary=False, use_distributed_sampler=False)
-
-
-def cmd_evaluate(args: argparse.Namespace) -> None:
-    from datamodules.retrieval import RetrievalDataModule
-    from modules.bi_encoder import BiEncoderModule
-    from research.evaluation import save_evaluation
-
-    module = BiEncoderModule(model=args.model, document_max_length=args.max_length, query_max_length=args.max_length,
-                             eval_top_k=args.top_k, trust_remote_code=args.trust_remote_code)
-    data = RetrievalDataModule(args.data, train_split=None, eval_split=args.split, eval_batch_size=args.batch_size)
-    started = time.perf_counter()
-    _trainer(args.precision).test(module, datamodule=data, verbose=False)
-    evaluation = module.last_evaluation
-    save_evaluation(args.out, evaluation, tag="dense", model=str(args.model), data=str(args.data), split=args.split,
-                    seconds=round(time.perf_counter() - started, 2))
-    _print_metrics(f"{args.model} on {args.data}/{args.split}", evaluation.metrics.aggregate)
-    print(f"wrote {Path(args.out) / 'run.trec'} and {Path(args.out) / 'metrics.json'}")
-
-
-def cmd_bm25(args: argparse.Namespace) -> None:
-    from datamodules.beir import load_dataset
-    from research.bm25 import BM25Config, bm25_search
-    from research.evaluation import evaluate_run, save_evaluation
-
-    data = load_dataset(args.data, args.split)
-    started = time.perf_counter()
-    config = BM25Config(k1=args.k1, b=args.b)
-    run = bm25_search(data, k=args.top_k, config=config)
-    evaluation = evaluate_run(run, data.qrels)
-    save_evaluation(args.out, evaluation, tag="bm25", data=str(args.data), split=args.split, k1=args.k1, b=args.b,
-                    seconds=round(time.perf_counter() - started, 2))
-    _print_metrics(f"BM25 on {args.data}/{args.split}", evaluation.metrics.aggregate)
-    print(f"wrote {Path(args.out) / 'run.trec'} and {Path(args.out) / 'metrics.json'}")
+# ---------------------------------------------------------------- other commands
+# Each module registers its subcommands with ``register(subparsers)``.
+COMMAND_MODULES = ("research.commands.retrieval", "research.commands.rerank", "research.commands.experiments",
+                   "research.commands.zelo", "research.commands.mining")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     parser = argparse.ArgumentParser(prog="research", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in LIGHTNING_SUBCOMMANDS:
         sub.add_parser(name, help=f"Lightning {name} from YAML configs (research {name} --help)", add_help=False)
-
-    def command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(func=func)
-        return p
-
-    p = command("evaluate", cmd_evaluate, "dense retrieval evaluation: encode, exact faiss search, run + metrics")
-    p.add_argument("--model", required=True, help="model directory, packaged name or hub id")
-    p.add_argument("--data", required=True, help="dataset folder or name under $RESEARCH_DATA_DIR")
-    p.add_argument("--split", default="test")
-    p.add_argument("--out", required=True, help="output directory for run.trec and metrics.json")
-    p.add_argument("--top-k", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--max-length", type=int, default=None, help="override query and document max length")
-    p.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
-    p.add_argument("--trust-remote-code", action="store_true")
-
-    p = command("bm25", cmd_bm25, "BM25 retrieval with bm25s: run + metrics")
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", default="test")
-    p.add_argument("--out", required=True)
-    p.add_argument("--top-k", type=int, default=100)
-    p.add_argument("--k1", type=float, default=1.5)
-    p.add_argument("--b", type=float, default=0.75)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
@@ -198,6 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except ResearchError as err:
         print(f"research: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # an expected user error wrapped by a library (jsonargparse, transformers): one line too
+        from research.reliability import user_error
+
+        message = user_error(err)
+        if message is None or os.environ.get("RESEARCH_DEBUG"):
+            raise
+        print(f"research: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("research: interrupted", file=sys.stderr)

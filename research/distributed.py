@@ -8,6 +8,8 @@ computes; with unequal sizes multiply the local loss by ``GroupBatch.loss_scale`
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,17 +53,38 @@ def local_offset(n: int, device: torch.device | str | None = None) -> int:
     return sum(all_sizes(n, device)[: rank()])
 
 
+def _all_gather_rows(t: Tensor, sizes: Sequence[int]) -> Tensor:
+    """all_gather along dim 0 when rank r holds ``sizes[r]`` rows (padded to the longest for the collective)."""
+    longest = max(sizes)
+    padded = F.pad(t, (0, 0) * (t.dim() - 1) + (0, longest - t.shape[0])).contiguous()
+    buffers = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(buffers, padded)
+    return torch.cat([b[:n] for b, n in zip(buffers, sizes)])
+
+
+def all_gather_rows(t: Tensor, sizes: Sequence[int] | None = None) -> Tensor:
+    """``t`` from every rank concatenated along dim 0 in rank order, WITHOUT gradient (ids, labels); ``t`` when not
+    distributed. ``sizes`` (every rank's row count) saves one collective when already known."""
+    if not is_distributed():
+        return t
+    return _all_gather_rows(t, list(sizes) if sizes is not None else all_sizes(t.shape[0], t.device))
+
+
+def id_hashes(ids: Sequence[str], device: torch.device | str | None = None) -> Tensor:
+    """Stable signed 64-bit hashes of string ids (blake2b, equal in every process, unlike ``hash``), as ``[len(ids)]``
+    int64: a tensor that collectives can gather, so ids can be compared across ranks (collision odds ~ n^2 / 2^64)."""
+    values = [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little", signed=True) for i in ids]
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather along dim 0 (sizes may differ per rank); backward SUMs the gradient over ranks and keeps this rank's slice."""
 
     @staticmethod
     def forward(ctx, t: Tensor, sizes: list[int]) -> Tensor:
-        r, longest = dist.get_rank(), max(sizes)
-        padded = F.pad(t, (0, 0) * (t.dim() - 1) + (0, longest - t.shape[0])).contiguous()
-        buffers = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(buffers, padded)
+        r = dist.get_rank()
         ctx.start, ctx.size = sum(sizes[:r]), sizes[r]
-        return torch.cat([b[:n] for b, n in zip(buffers, sizes)])
+        return _all_gather_rows(t, sizes)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
@@ -90,6 +113,7 @@ class GroupBatch:
     query_offset: int  # global row of local query 0
     doc_offset: int  # global column of this rank's first document
     query_sizes: tuple[int, ...]  # every rank's number of queries
+    doc_sizes: tuple[int, ...] = ()  # every rank's number of documents (for gathering per-document ids alongside)
 
     def targets(self) -> Tensor:
         """One-hot ``[B, M]`` targets marking each local query's positive, for ``RankingLoss(scores, targets)``."""
@@ -118,4 +142,5 @@ def gather_group_batch(query_emb: Tensor, doc_emb: Tensor, gather_queries: bool 
         query_offset=sum(q_sizes[:r]),
         doc_offset=doc_offset,
         query_sizes=tuple(q_sizes),
+        doc_sizes=tuple(d_sizes),
     )

@@ -76,7 +76,7 @@ def _query_metrics(grades: np.ndarray, judged: Mapping[str, int], num_rel: int, 
     cum_dcg = np.cumsum(np.maximum(grades, 0) * discount[:n])
     cum_ap = np.cumsum(np.where(relevant, cum_rel / np.arange(1, n + 1), 0.0))
     ideal = np.sort(np.fromiter((g for g in judged.values() if g > 0), dtype=float, count=-1))[::-1]
-    cum_idcg = np.cumsum(ideal * discount[: len(ideal)])
+    cum_idcg = np.cumsum(ideal[: len(discount)] * discount[: len(ideal)])  # more judged docs than the depth: cut
     first = int(np.argmax(relevant)) + 1 if relevant.any() else math.inf
     out = {}
     for name, family, k in parsed:

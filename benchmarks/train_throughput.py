@@ -1,0 +1,184 @@
+"""Training throughput of the bi-encoder main-job configuration against a raw PyTorch loop and sentence-transformers.
+
+Same model (all-MiniLM-L6-v2), data (SciFact train query/positive pairs), batch size, max lengths (query 64,
+document 256), precision (bf16 autocast on CPU), optimiser (AdamW, constant lr) and number of steps. Each variant
+runs in a fresh subprocess; the first ``--warmup`` steps are excluded from the timing.
+
+    python benchmarks/train_throughput.py --steps 20 --batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import emit, run_variant, table  # noqa: E402
+
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+QUERY_LEN, DOC_LEN, SCALE, LR = 64, 256, 20.0, 2e-5
+
+
+def training_pairs(data: str, n: int, seed: int) -> list[tuple[str, str]]:
+    """The first ``n`` (query, positive) pairs in the order the framework's sampler yields them (epoch 0)."""
+    from datamodules.beir import load_dataset
+    from datamodules.groups import groups_from_qrels
+    from datamodules.retrieval import EpochShuffleSampler, GroupDataset
+
+    dataset = load_dataset(data, "train")
+    groups = GroupDataset(dataset, groups_from_qrels(dataset.qrels), num_negatives=0, seed=seed)
+    order = [index for _, index in EpochShuffleSampler(len(groups), seed)][:n]
+    return [(dataset.queries[groups.items[i][0]], dataset.corpus[groups.items[i][1]].full_text) for i in order]
+
+
+def bench_raw(args) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer
+
+    from research.models.bi_encoder import load_backbone
+    from research.pretrained import resolve_model
+
+    path = resolve_model(MODEL)
+    model, tokenizer = load_backbone(path), AutoTokenizer.from_pretrained(path)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    pairs = training_pairs(args.data, args.steps * args.batch_size, args.seed)
+
+    def embed(texts, max_length):
+        inputs = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        hidden = model(**inputs).last_hidden_state
+        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+    start = None
+    for step in range(args.steps):
+        if step == args.warmup:
+            start = time.perf_counter()
+        batch = pairs[step * args.batch_size:(step + 1) * args.batch_size]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            scores = embed([q for q, _ in batch], QUERY_LEN) @ embed([d for _, d in batch], DOC_LEN).T * SCALE
+        loss = F.cross_entropy(scores.float(), torch.arange(len(batch)))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"seconds": time.perf_counter() - start, "timed_steps": args.steps - args.warmup}
+
+
+def bench_framework(args) -> dict:
+    import lightning as L
+
+    from datamodules.retrieval import RetrievalDataModule
+    from modules.bi_encoder import BiEncoderModule
+
+    class StepTimer(L.Callback):
+        start = end = None
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == args.warmup and self.start is None:
+                self.start = time.perf_counter()
+
+        def on_train_end(self, trainer, module):
+            self.end = time.perf_counter()
+
+    module = BiEncoderModule(model=MODEL, lr=LR, warmup_ratio=0.0, query_max_length=QUERY_LEN, document_max_length=DOC_LEN,
+                             temperature=1 / SCALE)
+    data = RetrievalDataModule(args.data, train_split="train", eval_split=None, batch_size=args.batch_size, seed=args.seed)
+    timer = StepTimer()
+    trainer = L.Trainer(max_steps=args.steps, precision="bf16-mixed", accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, callbacks=[timer], limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    return {"seconds": timer.end - timer.start, "timed_steps": args.steps - args.warmup}
+
+
+def bench_sentence_transformers(args) -> dict:
+    import tempfile
+
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from transformers import TrainerCallback
+
+    from research.pretrained import resolve_model
+
+    class StepTimer(TrainerCallback):
+        start = end = None
+
+        def on_step_begin(self, targs, state, control, **kwargs):
+            if state.global_step == args.warmup and self.start is None:
+                self.start = time.perf_counter()
+
+        def on_train_end(self, targs, state, control, **kwargs):
+            self.end = time.perf_counter()
+
+    model = SentenceTransformer(str(resolve_model(MODEL)), device="cpu")
+    model.max_seq_length = DOC_LEN
+    pairs = training_pairs(args.data, args.steps * args.batch_size, args.seed)
+    dataset = Dataset.from_dict({"anchor": [q for q, _ in pairs], "positive": [d for _, d in pairs]})
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = SentenceTransformerTrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=LR,
+            warmup_steps=0, lr_scheduler_type="constant", bf16=True, use_cpu=True, logging_steps=10_000,
+            save_strategy="no", report_to="none", dataloader_drop_last=True, seed=args.seed, disable_tqdm=True,
+        )
+        trainer = SentenceTransformerTrainer(model=model, args=targs, train_dataset=dataset,
+                                             loss=MultipleNegativesRankingLoss(model, scale=SCALE), callbacks=[timer])
+        trainer.train()
+    return {"seconds": timer.end - timer.start, "timed_steps": args.steps - args.warmup}
+
+
+VARIANTS = {"raw": bench_raw, "framework": bench_framework, "sentence-transformers": bench_sentence_transformers}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", choices=list(VARIANTS))
+    parser.add_argument("--data", default="scifact")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.variant:
+        emit(VARIANTS[args.variant](args))
+        return
+    passthrough = ["--data", args.data, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--threads", str(args.threads)]
+    tokens = mean_tokens_per_pair(args)
+    rows = []
+    for name in VARIANTS:
+        result = run_variant(__file__, name, passthrough)
+        pairs_per_s = result["timed_steps"] * args.batch_size / result["seconds"]
+        rows.append({"variant": name, "pairs/s": pairs_per_s, "tokens/s": pairs_per_s * tokens,
+                     "s/step": result["seconds"] / result["timed_steps"], "peak RSS MiB": result["peak_rss_mb"]})
+    raw, ours, st = (next(r for r in rows if r["variant"] == v) for v in ("raw", "framework", "sentence-transformers"))
+    print(f"steps {args.steps} (timed {args.steps - args.warmup}), batch {args.batch_size}, bf16 autocast, "
+          f"max length q{QUERY_LEN}/d{DOC_LEN}, {tokens:.0f} non-pad tokens per pair, threads {args.threads}")
+    print(table(rows, ["variant", "pairs/s", "tokens/s", "s/step", "peak RSS MiB"]))
+    print(f"framework overhead over raw loop: {100 * (raw['pairs/s'] / ours['pairs/s'] - 1):+.1f} %  (target <= 5 %)")
+    print(f"framework / sentence-transformers throughput: {ours['pairs/s'] / st['pairs/s']:.2f}x  (target >= 1.2x)")
+
+
+def mean_tokens_per_pair(args) -> float:
+    from transformers import AutoTokenizer
+
+    from research.pretrained import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(MODEL))
+    pairs = training_pairs(args.data, args.steps * args.batch_size, args.seed)
+    q = tokenizer([p[0] for p in pairs], truncation=True, max_length=QUERY_LEN)["input_ids"]
+    d = tokenizer([p[1] for p in pairs], truncation=True, max_length=DOC_LEN)["input_ids"]
+    return sum(len(a) + len(b) for a, b in zip(q, d)) / len(pairs)
+
+
+if __name__ == "__main__":
+    main()

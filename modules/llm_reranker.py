@@ -1,0 +1,185 @@
+"""LightningModule that trains a layer-wise LLM reranker (ranking loss + layer self-distillation) and evaluates it by
+re-ranking candidates at a chosen exit layer."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import Tensor
+from transformers import get_linear_schedule_with_warmup
+
+from datamodules.reranking import PairBatch, PairGroupBatch
+from research.evaluation import DEFAULT_METRICS, Evaluation, evaluate_run
+from research.losses import KLDistillation, ListwiseSoftmaxCE, RankingLoss
+from research.models.llm_reranker import LayerwiseLLMReranker, LoraSettings, LORA_TARGETS
+from research.rerank import CandidatePair, pairs_to_run
+
+
+class LLMRerankerModule(L.LightningModule):
+    """Trains a :class:`LayerwiseLLMReranker` on grouped batches (``datamodules.reranking``); validation/test re-rank
+    the datamodule's candidates at ``exit_layer``.
+
+    Loss: ``loss(final-layer scores [Q, G], targets, mask)`` (any :class:`RankingLoss`; default ``ListwiseSoftmaxCE``)
+    plus ``distill_weight`` times the mean over the earlier scored layers of ``KLDistillation(temperature)`` from the
+    final layer's scores (detached: the teacher gets no gradient from it) to that layer's scores. Logged:
+    ``train/loss``, each ranking term, ``train/self_distillation`` and ``train/kl_layer{l}`` per earlier layer.
+
+    Evaluation: every scored layer's scores come from one pass; ``last_evaluation`` is the exit layer's (the CLI
+    saves it), ``layer_evaluations`` holds every scored layer's, and ``{stage}/nDCG@10/layer{l}`` etc. are logged.
+
+    Args:
+        model: a causal LM (directory, packaged name such as ``HuggingFaceTB/SmolLM2-135M-Instruct``, hub id) or a
+            saved reranker directory.
+        readout: ``heads`` (per-layer heads, initialised to the LM-head readout) or ``lm_head`` (no new parameters).
+        start_layer, layer_stride: the scored layers (1-based); ``None``: only the last layer (no self-distillation).
+        exit_layer: the layer evaluation scores at (default: the last).
+        lora_rank: LoRA rank (``None`` or 0: train all weights); lora_alpha, lora_dropout, lora_target_modules.
+        lr: learning rate of the backbone / adapters; head_lr: of the layer heads (default ``lr``).
+        dtype: backbone weights' type (``float32``; with ``bf16-mixed`` precision the compute is bfloat16).
+    """
+
+    def __init__(
+        self,
+        model: str = "HuggingFaceTB/SmolLM2-135M-Instruct",
+        loss: RankingLoss | None = None,
+        distill_weight: float = 1.0,
+        distill_temperature: float = 1.0,
+        readout: str = "heads",
+        scoring: str | None = None,
+        start_layer: int | None = None,
+        layer_stride: int = 1,
+        exit_layer: int | None = None,
+        max_length: int | None = None,
+        query_max_length: int | None = None,
+        instruction: str | None = None,
+        question: str | None = None,
+        lora_rank: int | None = 16,
+        lora_alpha: float = 32.0,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] | None = None,
+        gradient_checkpointing: bool = False,
+        dtype: str = "float32",
+        lr: float = 1e-4,
+        head_lr: float | None = None,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.1,
+        metrics: tuple[str, ...] = DEFAULT_METRICS,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["loss"])
+        lora = None
+        if lora_rank:
+            lora = LoraSettings(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
+                                target_modules=list(lora_target_modules or LORA_TARGETS))
+        self.reranker = LayerwiseLLMReranker.from_pretrained(
+            model, lora=lora, dtype=dtype, trainable_adapter=True, trust_remote_code=trust_remote_code,
+            readout=readout, scoring=scoring, start_layer=start_layer, layer_stride=layer_stride, exit_layer=exit_layer,
+            max_length=max_length, query_max_length=query_max_length, instruction=instruction, question=question,
+        )
+        if gradient_checkpointing:
+            self.reranker.gradient_checkpointing_enable()
+        self.exit_layer = exit_layer or self.reranker.config.exit_layer or self.reranker.num_layers
+        self.reranker._check_exit_layer(self.exit_layer)
+        self.loss = loss if loss is not None else ListwiseSoftmaxCE()
+        self.distill = KLDistillation(temperature=distill_temperature, name="self_distillation")
+        self._scored: list[tuple[list[str], list[str], Tensor]] = []
+        self.last_evaluation: Evaluation | None = None
+        self.layer_evaluations: dict[int, Evaluation] = {}
+
+    # ------------------------------------------------------------------ training
+    def score_batch(self, batch: PairGroupBatch) -> Tensor:
+        """Scores ``[Q, G, L]`` of every scored layer (0 at masked positions); only the real pairs are run."""
+        queries = [q for q, docs in zip(batch.queries, batch.documents) for _ in docs]
+        documents = [d for docs in batch.documents for d in docs]
+        scores = self.reranker.score_texts(queries, documents)  # [N, L], float32
+        mask = batch.mask.to(scores.device)
+        out = torch.zeros(*mask.shape, scores.shape[1], device=scores.device, dtype=scores.dtype)
+        out[mask] = scores
+        return out
+
+    def loss_terms(self, scores: Tensor, targets: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """Ranking terms on the final layer, ``self_distillation`` (weighted mean KL) and ``kl_layer{l}`` (unweighted,
+        logged only: not summed into the loss)."""
+        final = scores[..., -1]
+        terms = dict(self.loss.terms(final, targets, mask))
+        earlier = self.reranker.layers[:-1]
+        if earlier and self.hparams.distill_weight > 0:
+            teacher = final.detach()
+            kls = [self.distill(scores[..., i], teacher, mask) for i in range(len(earlier))]
+            terms["self_distillation"] = self.hparams.distill_weight * torch.stack(kls).mean()
+            terms.update({f"kl_layer{layer}": kl.detach() for layer, kl in zip(earlier, kls)})
+        return terms
+
+    @staticmethod
+    def total(terms: dict[str, Tensor]) -> Tensor:
+        return torch.stack([v for k, v in terms.items() if not k.startswith("kl_layer")]).sum()
+
+    def training_step(self, batch: PairGroupBatch, batch_idx: int) -> Tensor:
+        scores = self.score_batch(batch)
+        targets, mask = batch.targets.to(scores.device), batch.mask.to(scores.device)
+        terms = self.loss_terms(scores, targets, mask)
+        loss = self.total(terms)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch))
+        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=len(batch))
+        return loss
+
+    # ------------------------------------------------------------------ evaluation
+    def _score_step(self, batch: PairBatch) -> None:
+        scores = self.reranker.score_texts(batch.queries, batch.documents, self._eval_layers())
+        self._scored.append((batch.query_ids, batch.doc_ids, scores.float().cpu()))
+
+    def _eval_layers(self) -> list[int]:
+        """Every scored layer up to the exit layer (one pass, blocks up to the exit layer only), exit layer last."""
+        return [l for l in self.reranker.layers if l < self.exit_layer] + [self.exit_layer]
+
+    def validation_step(self, batch: PairBatch, batch_idx: int) -> None:
+        self._score_step(batch)
+
+    def test_step(self, batch: PairBatch, batch_idx: int) -> None:
+        self._score_step(batch)
+
+    def _evaluate(self, stage: str) -> None:
+        scored, self._scored = self._scored, []
+        if not scored:
+            return
+        datamodule = self.trainer.datamodule
+        pairs = [CandidatePair(q, d) for query_ids, doc_ids, _ in scored for q, d in zip(query_ids, doc_ids)]
+        scores = torch.cat([s for _, _, s in scored])
+        qrels, level = datamodule.eval_data.qrels, datamodule.hparams.relevance_level
+        self.layer_evaluations = {
+            layer: evaluate_run(pairs_to_run(pairs, scores[:, i].tolist()), qrels, self.hparams.metrics, level)
+            for i, layer in enumerate(self._eval_layers())
+        }
+        self.last_evaluation = self.layer_evaluations[self.exit_layer]
+        self.log_dict({f"{stage}/{k}": v for k, v in self.last_evaluation.metrics.aggregate.items()}, sync_dist=False)
+        for layer, evaluation in self.layer_evaluations.items():
+            self.log_dict({f"{stage}/{k}/layer{layer}": v for k, v in evaluation.metrics.aggregate.items()}, sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._evaluate("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluate("test")
+
+    # ------------------------------------------------------------------ optimisation, saving
+    def configure_optimizers(self):
+        heads, decay, no_decay = [], [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name.startswith("reranker.heads."):
+                heads.append(param)
+            else:
+                (no_decay if param.dim() < 2 or "norm" in name.lower() else decay).append(param)
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0},
+                  {"params": heads, "weight_decay": 0.0, "lr": self.hparams.head_lr or self.hparams.lr}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def save_pretrained(self, directory) -> None:
+        """The reranker directory (LoRA: adapter + reference to the base), loadable by ``research rerank``."""
+        self.reranker.save_pretrained(directory)

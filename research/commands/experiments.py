@@ -1,0 +1,104 @@
+"""``research sweep``, ``research sweep-agent``, ``research report`` and ``research reproduce``.
+
+    research sweep experiments/sweeps/scifact_losses.yaml [--parallel N] [--max-runs N] [--status]
+    research sweep experiments/sweeps/scifact_losses.yaml --wandb-config wandb_sweep.yaml   # for `wandb sweep`
+    research sweep-agent experiments/sweeps/scifact_losses.yaml --key=value ...             # what `wandb agent` runs
+    research report runs/sweeps/scifact-losses --baseline InfoNCE --out experiments/results/scifact-losses
+    research reproduce experiments/baselines/scifact.yaml [--only NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    import yaml
+
+    from research.sweep import load_sweep, run_sweep, status_table, wandb_config
+
+    if args.wandb_config:
+        sweep = load_sweep(args.file)
+        out = Path(args.wandb_config)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(yaml.safe_dump(wandb_config(sweep, args.file), sort_keys=False), encoding="utf-8")
+        print(f"wrote {out}; then: wandb sweep {out}  and  wandb agent <entity>/<project>/<sweep id>")
+        return
+    if args.status:
+        rows = status_table(args.file, root=args.root)
+        for row in rows:
+            seconds = "" if row["seconds"] is None else f"{row['seconds']:.0f} s"
+            print(f"{row['status']:<12} attempts {row['attempts']}  {row['run']:<48} {seconds}")
+        done = sum(row["status"] == "finished" for row in rows)
+        print(f"{done}/{len(rows)} finished")
+        return
+    result = run_sweep(args.file, parallel=args.parallel, max_runs=args.max_runs, root=args.root,
+                       retry_failed=not args.skip_failed)
+    print(f"sweep {result.sweep_dir}: {len(result.finished)} finished now, {len(result.skipped)} were already finished, "
+          f"{len(result.failed)} failed, {len(result.pending)} not finished")
+    if result.failed:
+        sys.exit(1)
+
+
+def cmd_sweep_agent(args: argparse.Namespace) -> None:
+    from research.sweep import agent_run
+
+    code = agent_run(args.file, args.overrides, root=args.root)
+    if code:
+        sys.exit(code)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from research.report import make_report
+
+    make_report(args.source, baseline=args.baseline, metrics=args.metrics, out=args.out, permutations=args.permutations,
+                root=args.root, title=args.title)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from research.reproduce import reproduce
+
+    code = reproduce(args.file, only=args.only, out=args.out, table=args.table, reuse=args.reuse, dry_run=args.dry_run,
+                     include_disabled=args.all)
+    if code:
+        sys.exit(code)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sweep", help="run a W&B-format sweep file locally (grid/random), resumable")
+    p.set_defaults(func=cmd_sweep)
+    p.add_argument("file", help="sweep YAML (W&B sweep format + configs/seeds)")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time (default 1)")
+    p.add_argument("--max-runs", type=int, default=None, help="start at most N unfinished runs in this invocation")
+    p.add_argument("--root", default="runs/sweeps", help="where sweep folders live (default runs/sweeps)")
+    p.add_argument("--status", action="store_true", help="list the runs and their state, run nothing")
+    p.add_argument("--skip-failed", action="store_true", help="do not retry runs that failed before")
+    p.add_argument("--wandb-config", metavar="OUT", help="write the pure W&B sweep file for `wandb sweep` and exit")
+
+    p = sub.add_parser("sweep-agent", help="one sweep run from `wandb agent` (--key=value arguments)")
+    p.set_defaults(func=cmd_sweep_agent)
+    p.add_argument("file", help="the sweep YAML the W&B sweep was exported from")
+    p.add_argument("--root", default="runs/sweeps")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--key=value parameter values from the agent")
+
+    p = sub.add_parser("report", help="table (CSV, markdown), significance tests and plots of finished runs")
+    p.set_defaults(func=cmd_report)
+    p.add_argument("source", help="a sweep folder, a folder of run folders, or a sweep/group name")
+    p.add_argument("--baseline", default=None, help="configuration label (e.g. InfoNCE) or run id to test against")
+    p.add_argument("--metrics", nargs="+", default=None, help="metrics (default: all in metrics.json)")
+    p.add_argument("--out", default=None, help="output folder (default: <source>/report)")
+    p.add_argument("--permutations", type=int, default=10000, help="paired randomization test samples")
+    p.add_argument("--root", default="runs", help="where names are looked up (runs/sweeps/<name>, runs/<name>)")
+    p.add_argument("--title", default=None)
+
+    p = sub.add_parser("reproduce", help="run the baseline rows of a file, compare with the expected values")
+    p.set_defaults(func=cmd_reproduce)
+    p.add_argument("file", help="baselines YAML, e.g. experiments/baselines/scifact.yaml")
+    p.add_argument("--only", nargs="+", default=None, help="run only these rows (disabled rows included)")
+    p.add_argument("--all", action="store_true", help="run disabled rows too")
+    p.add_argument("--out", default=None, help="folder for the rows' outputs (default runs/reproduce/<file stem>)")
+    p.add_argument("--table", default=None, help="also write the markdown table here")
+    p.add_argument("--reuse", action="store_true", help="reuse a row's existing output instead of running it again")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")

@@ -1,0 +1,63 @@
+"""``research rerank``: rescore a candidate run's top-k with a saved model (cross-encoder, bi-encoder, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from pathlib import Path
+
+from research.commands.retrieval import print_metrics
+from research.errors import ResearchError
+
+PRECISIONS = ("32-true", "bf16-mixed")
+
+
+def cmd_rerank(args: argparse.Namespace) -> None:
+    import torch
+
+    from datamodules.beir import load_dataset
+    from research.evaluation import evaluate_run, save_evaluation
+    from research.rerank import ScorerOptions, candidate_run, load_scorer, rerank_run
+    from research.trec import truncate_run
+
+    if args.top_k < 1:
+        raise ResearchError(f"--top-k must be >= 1, got {args.top_k}")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.perf_counter()
+    data = load_dataset(args.data, args.split)
+    query_ids = list(data.judged_queries)
+    candidates = truncate_run(candidate_run(args.candidates, data, args.top_k, query_ids), args.top_k)
+    first_stage = evaluate_run(candidates, data.qrels)
+    scorer = load_scorer(args.model, ScorerOptions(max_length=args.max_length, trust_remote_code=args.trust_remote_code,
+                                                   device=device))
+    autocast = (torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+                if args.precision == "bf16-mixed" else contextlib.nullcontext())
+    with autocast:
+        run = rerank_run(scorer, data, candidates, top_k=args.top_k, batch_size=args.batch_size, query_ids=query_ids)
+    evaluation = evaluate_run(run, data.qrels)
+    save_evaluation(args.out, evaluation, tag="rerank", model=str(args.model), scorer=type(scorer).__name__,
+                    data=str(args.data), split=args.split, candidates=str(args.candidates), top_k=args.top_k,
+                    precision=args.precision, candidates_metrics=first_stage.metrics.aggregate,
+                    seconds=round(time.perf_counter() - started, 2))
+    print_metrics(f"candidates ({args.candidates}, top {args.top_k})", first_stage.metrics.aggregate)
+    print_metrics(f"re-ranked by {args.model}", evaluation.metrics.aggregate)
+    print(f"wrote {Path(args.out) / 'run.trec'} and {Path(args.out) / 'metrics.json'}")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("rerank", help="re-rank a candidate run's top-k with a saved model: run.trec + metrics.json",
+                       description="Re-rank each judged query's top-k candidates with a saved model; the model kind "
+                                   "(cross-encoder, bi-encoder, ...) is detected from its directory.")
+    p.set_defaults(func=cmd_rerank)
+    p.add_argument("--model", required=True, help="saved model directory (or packaged name / hub id)")
+    p.add_argument("--data", required=True, help="dataset folder or name under $RESEARCH_DATA_DIR")
+    p.add_argument("--split", default="test")
+    p.add_argument("--candidates", default="bm25", help="TREC run file of candidates, or 'bm25' to compute them now")
+    p.add_argument("--top-k", type=int, default=100, help="candidates re-ranked per query")
+    p.add_argument("--out", required=True, help="output directory for run.trec, metrics.json and per_query.json")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=None, help="override the model's max length (tokens)")
+    p.add_argument("--precision", choices=PRECISIONS, default="32-true", help="bf16-mixed: bfloat16 autocast")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    p.add_argument("--trust-remote-code", action="store_true")

@@ -1,0 +1,166 @@
+"""``research zelo votes | fit | train``: the zELO loop (judge votes -> Thurstone scores -> student).
+
+    research zelo votes --data scifact --split train --candidates bm25 --top-n 20 --cycles 4 \\
+        --judge bm25:temperature=1.0 --judge model:runs/ce/model:temperature=1.0 --out votes.jsonl
+    research zelo fit --votes votes.jsonl --out scores.jsonl --groups groups.jsonl
+    research zelo train --config experiments/zelo/student.yaml   # = research fit --config ...
+    research zelo qrels-groups --data scifact --split train --top-n 10 --out qrels_groups.jsonl  # baseline data
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from research.errors import ResearchError
+
+
+def _judge_specs(args: argparse.Namespace) -> list[dict]:
+    from research.zelo.judges import parse_judge_spec, read_judge_specs
+
+    specs = [parse_judge_spec(s) for s in args.judge or []]
+    if args.judges:
+        specs += read_judge_specs(args.judges)
+    if not specs:
+        raise ResearchError("give at least one --judge SPEC or a --judges FILE")
+    return specs
+
+
+def cmd_votes(args: argparse.Namespace) -> None:
+    import torch
+
+    from datamodules.beir import load_dataset
+    from research.io import write_json
+    from research.zelo.judges import JudgeError, build_ensemble
+    from research.zelo.pipeline import candidate_lists, collect_votes, plan_pairs
+
+    specs = _judge_specs(args)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.perf_counter()
+    data = load_dataset(args.data, args.split)
+    query_ids = list(data.judged_queries if args.all_queries is False else data.queries)
+    if args.max_queries is not None:
+        query_ids = query_ids[:args.max_queries]
+    candidates = candidate_lists(data, args.candidates, args.top_n, query_ids)
+    pairs = plan_pairs(candidates, cycles=args.cycles, seed=args.seed, all_pairs=args.all_pairs)
+    ensemble = build_ensemble(specs, data, device)
+    out = Path(args.out)
+    # the run's settings beside the votes: judge specs name the key's environment variable, never the key
+    write_json(out.with_name(out.name + ".meta.json"), {
+        "data": str(args.data), "split": args.split, "candidates": str(args.candidates), "top_n": args.top_n,
+        "cycles": args.cycles, "all_pairs": args.all_pairs, "seed": args.seed, "queries": len(candidates),
+        "pairs": len(pairs), "judges": ensemble.describe()})
+
+    def progress(done: int, total: int) -> None:
+        if not args.quiet:
+            print(f"\rvotes {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    try:
+        stats = collect_votes(data, pairs, ensemble, out, batch_size=args.batch_size, progress=progress)
+    except (JudgeError, KeyboardInterrupt) as err:
+        if not args.quiet:
+            print(file=sys.stderr)
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        raise ResearchError(f"{err}; the votes collected so far are in {out}: re-run the same command to resume") from None
+    if not args.quiet:
+        print(file=sys.stderr)
+    print(f"{len(candidates)} queries, {stats.planned} pairs: {stats.already} already in {out}, {stats.collected} "
+          f"collected ({time.perf_counter() - started:.1f} s)")
+
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    from research.zelo.fit import fit_votes, write_scores
+    from research.zelo.pipeline import write_groups
+    from research.zelo.votes import read_votes
+
+    votes = read_votes(args.votes, allow_truncated_tail=args.allow_truncated_tail)
+    if not votes:
+        raise ResearchError(f"{args.votes}: no votes")
+    records = fit_votes(votes, model=args.model, prior_strength=args.prior)
+    count = write_scores(args.out, records)
+    queries = len({r["query_id"] for r in records})
+    print(f"{len(votes)} votes -> {count} scores over {queries} queries ({args.model}, prior {args.prior}): {args.out}")
+    if args.groups:
+        write_groups(args.groups, records)
+        print(f"listwise groups (fields target, elo, logit): {args.groups}")
+
+
+def cmd_qrels_groups(args: argparse.Namespace) -> None:
+    from datamodules.beir import load_dataset
+    from research.io import write_jsonl
+    from research.zelo.pipeline import candidate_lists, qrels_groups
+
+    data = load_dataset(args.data, args.split)
+    query_ids = list(data.judged_queries)[:args.max_queries] if args.max_queries is not None else None
+    count = write_jsonl(args.out, qrels_groups(data, candidate_lists(data, args.candidates, args.top_n, query_ids)))
+    print(f"{count} qrels-labelled candidate groups (field labels): {args.out}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from research.cli import run_lightning
+
+    extra = [a for a in args.lightning_args if a != "--"]  # arguments zelo train does not know
+    run_lightning(["fit", "--config", args.config, *extra])
+
+
+class _PassThroughParser(argparse.ArgumentParser):
+    """A subparser that hands the arguments it does not know to Lightning (``zelo train``) instead of failing."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extra = super().parse_known_args(args, namespace)
+        if getattr(namespace, "pass_through", False):
+            namespace.lightning_args = [*getattr(namespace, "lightning_args", []), *extra]
+            return namespace, []
+        return namespace, extra
+
+
+def register(sub) -> None:
+    zelo = sub.add_parser("zelo", help="zELO: pairwise judge votes -> Thurstone scores -> student training",
+                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    zsub = zelo.add_subparsers(dest="zelo_command", required=True, metavar="STEP", parser_class=_PassThroughParser)
+
+    p = zsub.add_parser("votes", help="collect pairwise judge votes on each query's top-N candidates (resumable)")
+    p.set_defaults(func=cmd_votes)
+    p.add_argument("--data", required=True, help="dataset folder or name under $RESEARCH_DATA_DIR")
+    p.add_argument("--split", default="train", help="qrels split whose judged queries are used")
+    p.add_argument("--all-queries", action="store_true", help="all queries in queries.jsonl, judged or not")
+    p.add_argument("--max-queries", type=int, default=None, help="only the first N queries")
+    p.add_argument("--candidates", default="bm25", help="'bm25' (computed now) or a TREC run file")
+    p.add_argument("--top-n", type=int, default=20, help="candidates per query")
+    p.add_argument("--cycles", type=int, default=4, help="random Hamiltonian cycles per query (about 2 x cycles x N pairs)")
+    p.add_argument("--all-pairs", action="store_true", help="judge all N(N-1)/2 pairs (small N)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--judge", action="append", metavar="SPEC",
+                   help="repeatable: bm25[:temperature=T] | model:DIR[:temperature=T] | llm:URL:MODEL:KEY_ENV[:k=v...]")
+    p.add_argument("--judges", metavar="FILE", help="YAML/JSON list of judge specs (strings or mappings)")
+    p.add_argument("--out", required=True, help="votes JSONL (appended to; existing pairs are skipped)")
+    p.add_argument("--batch-size", type=int, default=32, help="pairs judged (and appended) per chunk")
+    p.add_argument("--device", default="auto", help="device of model judges: cpu, cuda, ... (auto: cuda when available)")
+    p.add_argument("--quiet", action="store_true")
+
+    p = zsub.add_parser("fit", help="fit votes into per-document scores {query_id, doc_id, elo, target}")
+    p.set_defaults(func=cmd_fit)
+    p.add_argument("--votes", required=True)
+    p.add_argument("--out", required=True, help="scores JSONL")
+    p.add_argument("--model", choices=("thurstone", "bradley-terry"), default="thurstone")
+    p.add_argument("--prior", type=float, default=0.01, help="Gaussian prior precision on the latent scores")
+    p.add_argument("--groups", default=None, help="also write listwise groups JSONL for the student's DataModule")
+    p.add_argument("--allow-truncated-tail", action="store_true", help="skip a cut-short last line of the votes file")
+
+    p = zsub.add_parser("qrels-groups", help="the same candidate groups labelled by the qrels (a baseline student)")
+    p.set_defaults(func=cmd_qrels_groups)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="train")
+    p.add_argument("--max-queries", type=int, default=None, help="only the first N judged queries (as zelo votes)")
+    p.add_argument("--candidates", default="bm25")
+    p.add_argument("--top-n", type=int, default=20)
+    p.add_argument("--out", required=True, help="listwise groups JSONL {query_id, doc_ids, labels}")
+
+    p = zsub.add_parser("train", help="train the student: research fit --config FILE [Lightning overrides]",
+                        description="Alias of `research fit --config FILE ...`; extra arguments go to Lightning.")
+    p.set_defaults(func=cmd_train, pass_through=True, lightning_args=[])
+    p.add_argument("--config", required=True, help="e.g. experiments/zelo/student.yaml; other arguments go to "
+                                                   "Lightning, e.g. --trainer.max_steps 10")
