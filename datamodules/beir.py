@@ -146,6 +146,8 @@ def load_queries(path: str | Path) -> dict[str, str]:
 def load_qrels(path: str | Path, queries: dict[str, str], corpus: dict[str, Document]) -> Qrels:
     """Qrels of one split, every query and document id checked against the loaded files."""
     qrels = read_tsv_qrels(path)
+    if not qrels:
+        raise DataFormatError(path, None, None, "no qrels")
     for query_id, docs in qrels.items():
         if query_id not in queries:
             raise DataFormatError(path, _find_line(path, 0, query_id), "query-id", f"unknown query '{query_id}'")

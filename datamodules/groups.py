@@ -64,4 +64,6 @@ def read_groups(path, queries: dict[str, str], corpus: dict) -> dict[str, Traini
         for name in ("positives", "negatives"):
             scores.update(zip(lists[name], map(float, record.get(name[:-1] + "_scores", []))))
         groups[query_id] = TrainingGroup(query_id, lists["positives"], lists["negatives"], scores)
+    if not groups:  # given, but empty (e.g. mining was cut short): not silently training without its negatives
+        raise DataFormatError(path, None, None, "no groups")
     return groups

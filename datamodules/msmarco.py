@@ -299,4 +299,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from research.reliability import run_tool
+
+    sys.exit(run_tool(main))  # a malformed file: one line naming file, line and field; exit code 2

@@ -77,6 +77,7 @@ class LLMRerankerModule(L.LightningModule):
             readout=readout, scoring=scoring, start_layer=start_layer, layer_stride=layer_stride, exit_layer=exit_layer,
             max_length=max_length, query_max_length=query_max_length, instruction=instruction, question=question,
         )
+        self.reranker.train()  # from_pretrained gives eval mode; Lightning keeps each submodule's mode (LoRA dropout)
         if gradient_checkpointing:
             self.reranker.gradient_checkpointing_enable()
         self.exit_layer = exit_layer or self.reranker.config.exit_layer or self.reranker.num_layers

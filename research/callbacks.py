@@ -79,7 +79,7 @@ class NonFiniteLossGuard(Callback):
         self._batch: Any = None
         self._batch_idx: int | None = None
         self._bad: list[tuple[int | None, float, list[str] | None]] = []  # since the last optimizer step
-        self._flags: list[torch.Tensor] = []
+        self._flags: list[tuple[torch.Tensor, torch.Tensor, int | None, list[str] | None]] = []
 
     @property
     def state_key(self) -> str:
@@ -96,15 +96,18 @@ class NonFiniteLossGuard(Callback):
         self._batch, self._batch_idx = batch, batch_idx
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        finite = torch.isfinite(loss.detach()).all()
-        self._flags.append(finite)
-        if not bool(finite):  # a host sync per backward; the loss is a scalar
-            value = loss.detach().float()
-            self._bad.append((self._batch_idx, float(value.flatten()[0]) if value.numel() else float("nan"),
-                              batch_query_ids(self._batch)))
+        # no host sync here (the backward is queued at once): the flags are read once, before the optimizer step
+        loss = loss.detach()
+        self._flags.append((torch.isfinite(loss).all(), loss, self._batch_idx, batch_query_ids(self._batch)))
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        bad, self._flags = bool(self._bad), []
+        flags, self._flags = self._flags, []
+        if flags and not bool(torch.stack([finite for finite, *_ in flags]).all()):  # one host sync per step
+            for finite, loss, batch_idx, ids in flags:
+                if not bool(finite):
+                    value = loss.float().flatten()
+                    self._bad.append((batch_idx, float(value[0]) if value.numel() else float("nan"), ids))
+        bad = bool(self._bad)
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if not bad:

@@ -32,8 +32,8 @@ def _quiet_libraries() -> None:
 def run_lightning(argv: list[str]) -> None:
     from lightning.pytorch.cli import LightningCLI
 
-    from research.commands.retrieval import print_metrics as _print_metrics
     from research.callbacks import RedactingSaveConfigCallback
+    from research.commands.retrieval import print_metrics as _print_metrics
     from research.evaluation import save_evaluation
     from research.reliability import (DEFAULT_CHECKPOINT_EVERY_N_STEPS, atomic_directory, check_resume,
                                       default_callbacks, install_atomic_checkpoint_io, one_line_config_errors)

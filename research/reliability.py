@@ -27,6 +27,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from research.errors import DataFormatError, ResearchError
+from research.io import process_umask
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
@@ -42,9 +43,11 @@ class _SkipFirst:
         self.sampler, self.pending, self.active = sampler, skip, skip
 
     def __iter__(self) -> Iterator[Any]:
+        # a generator: the skip is used by the first iteration that draws (torch's multiprocessing iterator calls
+        # iter() twice and keeps the second)
         skip, self.pending = self.pending, 0
         self.active = skip
-        return itertools.islice(iter(self.sampler), skip, None)
+        yield from itertools.islice(iter(self.sampler), skip, None)
 
     def __len__(self) -> int:
         return len(self.sampler) - self.active
@@ -145,37 +148,43 @@ def config_files(args: list[str] | None) -> list[Path]:
     return files
 
 
-def check_config_files(args: list[str] | None) -> None:
-    """Each ``--config`` file exists, is UTF-8 and is a YAML mapping; otherwise one error naming file and line."""
+def read_yaml_file(path: str | Path, what: str = "file") -> Any:
+    """``yaml.safe_load`` of a file, every problem one :class:`DataFormatError` naming the file and the line:
+    missing, not UTF-8 (a BOM is accepted), or a YAML syntax error."""
     import yaml
 
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(path, None, None, f"{what} not found" if not path.exists() else "not a file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataFormatError(path, raw[:err.start].count(b"\n") + 1, None, f"not valid UTF-8 (byte {err.start})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        opened = any(word in str(err.context or "") for word in ("flow", "quoted", "simple key"))
+        if err.context_mark is not None and (opened or mark is None or mark.index >= len(text.rstrip())):
+            mark = err.context_mark  # an unclosed bracket or quote: point at where it was opened
+        problem = " ".join(str(err.problem or err.context or "syntax error").split())
+        raise DataFormatError(path, mark.line + 1 if mark else None, None, f"invalid YAML ({problem})") from None
+    except yaml.YAMLError as err:
+        raise DataFormatError(path, None, None, f"invalid YAML ({' '.join(str(err).split())})") from None
+
+
+def check_config_files(args: list[str] | None) -> None:
+    """Each ``--config`` file exists, is UTF-8 and is a YAML mapping; otherwise one error naming file and line."""
     for path in config_files(args):
-        if not path.is_file():
-            raise DataFormatError(path, None, None, "config file not found" if not path.exists() else "not a file")
-        raw = path.read_bytes()
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as err:
-            raise DataFormatError(path, raw[:err.start].count(b"\n") + 1, None,
-                                  f"not valid UTF-8 (byte {err.start})") from None
-        try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.MarkedYAMLError as err:
-            mark = err.problem_mark or err.context_mark
-            if err.context_mark is not None and (mark is None or mark.index >= len(text.rstrip())):
-                mark = err.context_mark  # the problem shows at the end of the file: point at what was left open
-            problem = " ".join(str(err.problem or err.context or "syntax error").split())
-            raise DataFormatError(path, mark.line + 1 if mark else None, None, f"invalid YAML ({problem})") from None
-        except yaml.YAMLError as err:
-            raise DataFormatError(path, None, None, f"invalid YAML ({' '.join(str(err).split())})") from None
-        if node is None:
+        loaded = read_yaml_file(path, "config file")
+        if loaded is None:
             raise DataFormatError(path, None, None, "empty config (expected a YAML mapping of options)")
-        if not isinstance(node, yaml.MappingNode):
-            raise DataFormatError(path, node.start_mark.line + 1, None,
-                                  f"expected a YAML mapping of options, got a {node.id}")
+        if not isinstance(loaded, dict):
+            raise DataFormatError(path, 1, None, f"expected a YAML mapping of options, got a {type(loaded).__name__}")
 
 
-def _yaml_key_line(path: Path, dotted: str) -> int | None:
+def yaml_key_line(path: Path, dotted: str) -> int | None:
     """The line of the deepest key of ``dotted`` found in ``path`` (the last part searched anywhere below the first)."""
     import yaml
 
@@ -211,6 +220,12 @@ def _yaml_key_line(path: Path, dotted: str) -> int | None:
             break
         best, node = found[0].start_mark.line + 1, found[1]
     return best
+
+
+def yaml_location(path: str | Path, key: str) -> str:
+    """``FILE:LINE: field 'KEY'`` (the line of ``key`` in the YAML file, if found): the prefix of a one-line error."""
+    line = yaml_key_line(Path(path), key)
+    return f"{path}:{line}: field '{key}'" if line is not None else f"{path}: field '{key}'"
 
 
 _KEY = r"""["']([\w.\-\[\]]+)["']"""
@@ -258,6 +273,7 @@ def one_line_config_errors(args: list[str] | None) -> Iterator[None]:
     """Check the config files, then turn a jsonargparse parse failure (usage text, exit 2) into one
     :class:`DataFormatError` naming the config file, the line and the field (``--help`` passes through)."""
     check_config_files(args)
+    warn_secrets_on_command_line(args)
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
@@ -277,11 +293,23 @@ def one_line_config_errors(args: list[str] | None) -> Iterator[None]:
         if on_command_line:
             raise ResearchError(f"--{field}: {reason}") from None
         for path in reversed(config_files(args)):  # later files override earlier ones
-            if (line := _yaml_key_line(path, field)) is not None:
+            if (line := yaml_key_line(path, field)) is not None:
                 raise DataFormatError(path, line, field, reason) from None
         raise ResearchError(f"field '{field}' {reason}") from None
     else:
         sys.stderr.write(captured.getvalue())
+
+
+def warn_secrets_on_command_line(args: list[str] | None) -> None:
+    """One warning line if an option that looks like a secret (``--judge.api_key``) is given on the command line."""
+    from research.safety import is_secret_key
+
+    names = [arg.lstrip("-").split("=", 1)[0] for arg in args or [] if arg.startswith("--")]
+    secret = [name for name in names if is_secret_key(name.rsplit(".", 1)[-1])]
+    if secret:
+        print(f"research: warning: --{', --'.join(secret)} on the command line: redacted in run_info.json and "
+              "config.yaml, but visible to `ps`, kept in shell history and recorded by W&B; pass secrets through "
+              "environment variables", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- resuming
@@ -300,8 +328,12 @@ def check_resume(subcommand: str, run_dir: str | Path | None, ckpt_path: str | N
         return  # a new timestamped run directory
     last = last_checkpoint(run_dir)
     if ckpt_path == "last":
+        if not launched_as_rank_zero():
+            return  # a process Lightning (or torchrun) started for another rank: rank 0 keeps the records and reports
         if last.is_file():
-            print(f"research: resuming from {last}", file=sys.stderr)
+            kept = keep_attempt_records(run_dir)
+            print(f"research: resuming from {last}" + (f" (the interrupted attempt's records kept as {kept})"
+                                                       if kept else ""), file=sys.stderr)
         else:
             print(f"research: no checkpoint to resume in {last.parent}: training from the start", file=sys.stderr)
     elif ckpt_path is None and last.is_file():
@@ -310,6 +342,35 @@ def check_resume(subcommand: str, run_dir: str | Path | None, ckpt_path: str | N
             f"{run_dir} holds an earlier run's checkpoint {last}: resume it with `{command} --ckpt_path last`, "
             f"or start over in another --run_dir (or after deleting {last.parent})"
         )
+
+
+def launched_as_rank_zero() -> bool:
+    """False in the processes a launcher started for the other ranks (``LOCAL_RANK``/``NODE_RANK``/``RANK``/
+    ``SLURM_PROCID`` set and non-zero)."""
+    return all(os.environ.get(name, "0") in ("", "0") for name in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
+
+
+ATTEMPT_RECORDS = ("run_info.json", "config.yaml", "metrics.csv", "hparams.yaml")
+
+
+def keep_attempt_records(run_dir: str | Path) -> str | None:
+    """Before a resume rewrites them, rename the run directory's records of the interrupted attempt
+    (``run_info.json``, ``config.yaml``, ``metrics.csv``, ``hparams.yaml``) to ``<name>.attempt<k>.<ext>``."""
+    run_dir = Path(run_dir)
+    present = [name for name in ATTEMPT_RECORDS if (run_dir / name).is_file()]
+    if not present:
+        return None
+    attempt = 1
+    while any((run_dir / _attempt_name(name, attempt)).exists() for name in ATTEMPT_RECORDS):
+        attempt += 1
+    for name in present:
+        os.replace(run_dir / name, run_dir / _attempt_name(name, attempt))
+    return str(run_dir / f"*.attempt{attempt}.*")
+
+
+def _attempt_name(name: str, attempt: int) -> str:
+    stem, dot, ext = name.rpartition(".")
+    return f"{stem}.attempt{attempt}.{ext}" if dot else f"{name}.attempt{attempt}"
 
 
 # ---------------------------------------------------------------- trainer defaults
@@ -359,6 +420,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~process_umask())  # mkdtemp makes 0700: the permissions mkdir would give
         yield tmp
         old = None
         if path.exists():
@@ -394,6 +456,24 @@ def user_error(err: BaseException) -> str | None:
                       IsADirectoryError: "is a folder, expected a file",
                       NotADirectoryError: "not a folder"}.get(type(item), item.strerror or str(item))
             return f"{name}: {reason}" if name else " ".join(str(item).split())
+        if isinstance(item, ValueError) and "contains custom code which must be executed" in str(item):
+            first = str(item).split(" You can inspect")[0].strip()
+            return (f"{first} It is not executed unless you trust it: set trust_remote_code: true in the model's "
+                    "config (research evaluate --trust-remote-code)")
         if type(item) is OSError and "does not appear to have a file named" in str(item):
             return " ".join(str(item).split())  # transformers: a model folder without config/weights
     return None
+
+
+def run_tool(main: Any, argv: list[str] | None = None) -> int:
+    """Run a ``python -m`` tool's ``main(argv)`` like ``research``: an expected user error is one line
+    (``research: error: ...``, no traceback) and exit code 2; a bug keeps its traceback."""
+    try:
+        main(argv)
+        return 0
+    except Exception as err:
+        message = user_error(err)
+        if message is None or os.environ.get("RESEARCH_DEBUG"):
+            raise
+        print(f"research: error: {message}", file=sys.stderr)
+        return 2

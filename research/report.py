@@ -51,7 +51,8 @@ BUDGET_KEYS = (
 def paired_ttest(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
     """``(t, p)`` of the two-sided paired t-test of ``a`` against ``b`` (:func:`scipy.stats.ttest_rel`).
 
-    Equal samples (every difference 0) give ``(0.0, 1.0)``; fewer than two pairs give NaNs.
+    Equal samples (every difference 0) give ``(0.0, 1.0)``, a constant non-zero difference ``(±inf, 0.0)``; fewer than
+    two pairs give NaNs.
     """
     from scipy import stats
 
@@ -60,8 +61,11 @@ def paired_ttest(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
         raise ValueError("paired samples differ in length")
     if len(a) < 2:
         return math.nan, math.nan
-    if np.all(a - b == 0):
+    diff = a - b
+    if np.all(diff == 0):
         return 0.0, 1.0
+    if np.ptp(diff) <= 1e-12 * max(1.0, float(np.abs(diff).max())):  # a constant difference: no variance
+        return math.copysign(math.inf, float(diff.mean())), 0.0
     result = stats.ttest_rel(a, b)
     return float(result.statistic), float(result.pvalue)
 
@@ -170,6 +174,20 @@ def _is_metric(name: str) -> bool:
     return True
 
 
+def load_reference(spec: str) -> RunRecord:
+    """``NAME=DIR``: one evaluation (``metrics.json`` + ``per_query.json`` in DIR, DIR/eval_after or DIR/eval)."""
+    name, sep, folder = spec.partition("=")
+    if not sep or not name or not folder:
+        raise ResearchError(f"--reference {spec!r}: expected NAME=DIR")
+    for candidate in (Path(folder), Path(folder) / "eval_after", Path(folder) / "eval"):
+        if (candidate / "metrics.json").is_file() and (candidate / "per_query.json").is_file():
+            metrics = {k: float(v) for k, v in json.loads((candidate / "metrics.json").read_text(encoding="utf-8")).items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool) and _is_metric(k)}
+            per_query = json.loads((candidate / "per_query.json").read_text(encoding="utf-8"))
+            return RunRecord(candidate, name, name, {}, None, metrics, per_query)
+    raise ResearchError(f"--reference {spec!r}: no metrics.json + per_query.json in {folder} (or its eval_after/, eval/)")
+
+
 def find_runs(source: str | Path, root: str | Path = "runs") -> list[RunRecord]:
     """Finished runs under ``source`` (its own run folders and, one level down, ``<name>/<time>`` folders)."""
     base = resolve_source(source, root)
@@ -191,6 +209,7 @@ class ConfigSummary:
     std: dict[str, float]
     per_query: dict[str, dict[str, float]]  # metric -> query -> value averaged over seeds
     tests: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> delta, p_ttest, p_perm, ...
+    reference: bool = False  # a single evaluation given with --reference (e.g. the zero-shot model), not a sweep run
 
     @property
     def seeds(self) -> list[Any]:
@@ -318,7 +337,8 @@ def markdown(summaries: Sequence[ConfigSummary], metrics: Sequence[str], baselin
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     best = {m: max(s.mean[m] for s in summaries) for m in metrics}
     for s in summaries:
-        cells = [s.label + (" (baseline)" if s is baseline else ""), str(len(s.runs))]
+        cells = [s.label + (" (baseline)" if s is baseline else "") + (" (reference)" if s.reference else ""),
+                 "—" if s.reference else str(len(s.runs))]
         for m in metrics:
             cell = f"{s.mean[m]:.4f} ± {_fmt(s.std[m])}"
             cells.append(f"**{cell}**" if s.mean[m] == best[m] and len(summaries) > 1 else cell)
@@ -348,7 +368,10 @@ def markdown(summaries: Sequence[ConfigSummary], metrics: Sequence[str], baselin
 
 def plot(summaries: Sequence[ConfigSummary], metrics: Sequence[str], param: str | None, out: Path,
          baseline: ConfigSummary | None, title: str) -> Path:
-    """Mean ± std over seeds of each metric by ``param`` (one panel per metric), every seed as a dot."""
+    """Mean ± std over seeds of each metric by ``param`` (one panel per metric), every seed as a dot.
+
+    The other swept parameters make series: lines over a numeric ``param``, side-by-side points over a categorical one.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -356,77 +379,91 @@ def plot(summaries: Sequence[ConfigSummary], metrics: Sequence[str], param: str 
 
     from research.sweep import short_key, short_value
 
-    if param is None:
-        xs_labels = [s.label for s in summaries]
-        numeric = False
-    else:
-        values = [s.params.get(param) for s in summaries]
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        xs_labels = [short_value(v) for v in values]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.2, 1.25 * len(summaries) + 1.8) * len(metrics), 4.0),
-                             squeeze=False)
-    others = {}  # a second swept parameter: one line per value
+    references = [s for s in summaries if s.reference]
+    summaries = [s for s in summaries if not s.reference]
+    values = [s.params.get(param) for s in summaries] if param else [s.label for s in summaries]
+    numeric = param is not None and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    series: dict[str, list[ConfigSummary]] = {}
+    for s in summaries:
+        rest = {k: v for k, v in s.params.items() if k != param} if param else {}
+        series.setdefault(" ".join(f"{short_key(k)}={short_value(v)}" for k, v in rest.items()), []).append(s)
+    categories = list(dict.fromkeys(short_value(v) if param else v for v in values))
+    width = max(4.2, (0.9 * len(categories) * max(1, len(series)) ** 0.5 + 1.8)) if not numeric else 6.0
+    fig, axes = plt.subplots(1, len(metrics), figsize=(width * len(metrics), 4.2), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, metric in zip(axes[0], metrics):
-        if numeric:
-            groups: dict[str, list[ConfigSummary]] = {}
-            for s in summaries:
-                rest = {k: v for k, v in s.params.items() if k != param}
-                groups.setdefault(" ".join(f"{short_key(k)}={short_value(v)}" for k, v in rest.items()), []).append(s)
-            for name, group in groups.items():
-                group.sort(key=lambda s: s.params[param])
-                x = [s.params[param] for s in group]
-                ax.errorbar(x, [s.mean[metric] for s in group], yerr=[0 if math.isnan(s.std[metric]) else s.std[metric]
-                            for s in group], marker="o", capsize=4, label=name or None)
+        std = {id(s): 0.0 if math.isnan(s.std[metric]) else s.std[metric] for s in summaries}
+        if baseline is not None:
+            ax.axhline(baseline.mean[metric], color="tab:gray", linestyle="--", linewidth=1, zorder=1,
+                       label=f"{baseline.label} (baseline)")
+        for k, ref in enumerate(references):
+            if ref is not baseline:
+                ax.axhline(ref.mean[metric], color=colors[(k + 3) % len(colors)], linestyle=":", linewidth=1.5,
+                           zorder=1, label=f"{ref.label} (reference)")
+        for j, (name, group) in enumerate(series.items()):
+            color = colors[j % len(colors)]
+            many = len(series) > 1
+            if numeric:
+                group = sorted(group, key=lambda s: s.params[param])
+                xs = [float(s.params[param]) for s in group]
+                ax.errorbar(xs, [s.mean[metric] for s in group], yerr=[std[id(s)] for s in group], marker="o",
+                            capsize=4, color=color, label=name or "mean ± std over seeds")
                 for s in group:
-                    ax.scatter([s.params[param]] * len(s.runs), [r.metrics[metric] for r in s.runs], s=12, alpha=0.4,
-                               color="gray", zorder=3)
-                others[name] = True
-            if all(v > 0 for s in summaries for v in [s.params[param]]) and \
-                    max(s.params[param] for s in summaries) / min(s.params[param] for s in summaries) > 20:
+                    ax.scatter([s.params[param]] * len(s.runs), [r.metrics[metric] for r in s.runs], s=12,
+                               color="gray", alpha=0.6, zorder=3)
+                continue
+            offset = (j - (len(series) - 1) / 2) * (0.7 / len(series)) if many else 0.0
+            for s in group:
+                i = categories.index(short_value(s.params.get(param)) if param else s.label) + offset
+                ys = [r.metrics[metric] for r in s.runs]
+                jitter = np.linspace(-0.05, 0.05, len(ys)) if len(ys) > 1 else np.zeros(1)
+                ax.scatter(i + (0.12 if not many else 0.0) + jitter, ys, s=12, color="gray", alpha=0.7, zorder=2,
+                           label="one seed" if (j == 0 and s is group[0]) else None)
+                point_color = "tab:gray" if (s is baseline and not many) else (color if many else "tab:blue")
+                ax.errorbar([i], [s.mean[metric]], yerr=[std[id(s)]], fmt="o", markersize=7, capsize=5, elinewidth=1.5,
+                            color=point_color, zorder=3,
+                            label=(name if many else "mean ± std over seeds") if s is group[0] else None)
+                ax.annotate(f"{s.mean[metric]:.3f}", (i, s.mean[metric] + std[id(s)]), textcoords="offset points",
+                            xytext=(0, 5), ha="center", fontsize=7 if many else 8)
+        if numeric:
+            xs_all = [float(v) for v in values]
+            if min(xs_all) > 0 and max(xs_all) / min(xs_all) > 20:
                 ax.set_xscale("log")
         else:
-            x = np.arange(len(summaries))
-            means = [s.mean[metric] for s in summaries]
-            stds = [0 if math.isnan(s.std[metric]) else s.std[metric] for s in summaries]
-            if baseline is not None:  # the baseline's mean as a reference line
-                ax.axhline(baseline.mean[metric], color="tab:gray", linestyle="--", linewidth=1, zorder=1,
-                           label=f"{baseline.label} (baseline)")
-            for i, s in enumerate(summaries):
-                ys = [r.metrics[metric] for r in s.runs]
-                jitter = np.linspace(-0.08, 0.08, len(ys)) if len(ys) > 1 else [0.0]
-                ax.scatter(i + 0.18 + np.asarray(jitter), ys, s=14, color="gray", alpha=0.8, zorder=2,
-                           label="one seed" if i == 0 else None)
-                ax.errorbar([i], [means[i]], yerr=[stds[i]], fmt="o", markersize=7, capsize=6, elinewidth=1.5,
-                            color="tab:gray" if s is baseline else "tab:blue", zorder=3,
-                            label="mean ± std over seeds" if i == 0 else None)
-                ax.annotate(f"{means[i]:.3f}", (i, means[i] + stds[i]), textcoords="offset points",
-                            xytext=(0, 5), ha="center", fontsize=8)
-            ax.set_xticks(x, xs_labels, rotation=20 if max(map(len, xs_labels)) > 10 else 0)
-            ax.set_xlim(-0.6, len(summaries) - 0.4)
-            low = min(min(min(r.metrics[metric] for r in s.runs), m - sd) for s, m, sd in zip(summaries, means, stds))
-            high = max(max(max(r.metrics[metric] for r in s.runs), m + sd) for s, m, sd in zip(summaries, means, stds))
-            pad = max(0.005, 0.12 * (high - low))
-            ax.set_ylim(low - pad, high + 2 * pad)
+            ax.set_xticks(np.arange(len(categories)), categories,
+                          rotation=20 if max(map(len, map(str, categories))) > 10 else 0)
+            ax.set_xlim(-0.6, len(categories) - 0.4)
+        lows = [min(min(r.metrics[metric] for r in s.runs), s.mean[metric] - std[id(s)]) for s in summaries]
+        highs = [max(max(r.metrics[metric] for r in s.runs), s.mean[metric] + std[id(s)]) for s in summaries]
+        lows += [ref.mean[metric] for ref in references]
+        highs += [ref.mean[metric] for ref in references]
+        pad = max(0.005, 0.12 * (max(highs) - min(lows)))
+        ax.set_ylim(min(lows) - pad, max(highs) + 2 * pad)
         ax.set_ylabel(metric)
         ax.set_xlabel(short_key(param) if param else "configuration")
         ax.grid(axis="y", alpha=0.3)
         ax.set_title(f"{metric} by {short_key(param) if param else 'configuration'}")
-    if (numeric and len(others) > 1) or not numeric:
-        axes[0][-1].legend(fontsize=7, loc="best")
+    handles, labels = axes[0][0].get_legend_handles_labels()  # one legend under the panels, clear of the data
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    rows = math.ceil(len(labels) / 6)
+    fig.tight_layout(rect=(0, 0.04 + 0.05 * rows, 1, 1))
     name = re.sub(r"[^A-Za-z0-9]+", "_", f"{metrics[0]}_by_{short_key(param) if param else 'configuration'}").strip("_")
     path = out / f"{name}.png"
     out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_write(path, "wb") as handle:  # a complete PNG or the previous one
+        fig.savefig(handle, format="png", dpi=120)
     plt.close(fig)
     return path
 
 
 def make_report(source: str | Path, baseline: str | None = None, metrics: Sequence[str] | None = None,
                 out: str | Path | None = None, permutations: int = 10000, root: str | Path = "runs",
-                title: str | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Gather the finished runs of ``source`` and write ``report.csv``, ``runs.csv``, ``report.md`` and plots."""
+                title: str | None = None, quiet: bool = False, references: Sequence[str] = ()) -> dict[str, Any]:
+    """Gather the finished runs of ``source`` and write ``report.csv``, ``runs.csv``, ``report.md`` and plots.
+
+    ``references`` (``NAME=DIR``) add single evaluations, e.g. the untrained model, as rows and dashed lines.
+    """
     base = resolve_source(source, root)
     runs = find_runs(base, root)
     sweep_metric, order = None, {}
@@ -447,7 +484,8 @@ def make_report(source: str | Path, baseline: str | None = None, metrics: Sequen
         metrics = [f"{parse_metric(m)[0]}@{parse_metric(m)[1]}" for m in metrics]
     else:
         metrics = list(runs[0].metrics)
-    missing = [m for m in metrics if any(m not in run.metrics for run in runs)]
+    reference_runs = [load_reference(spec) for spec in references]
+    missing = [m for m in metrics if any(m not in run.metrics for run in [*runs, *reference_runs])]
     if missing:
         raise ResearchError(f"metric(s) {', '.join(missing)} missing from some runs' metrics.json")
     primary = sweep_metric if sweep_metric in metrics else metrics[0]
@@ -459,6 +497,9 @@ def make_report(source: str | Path, baseline: str | None = None, metrics: Sequen
             return order.get(json.dumps(params, sort_keys=True, default=str), len(order))
 
         summaries.sort(key=position)
+    for summary in summarize(reference_runs, metrics):
+        summary.reference = True
+        summaries.append(summary)
     base_summary = find_baseline(summaries, baseline) if baseline else None
     if base_summary is not None:
         add_tests(summaries, base_summary, metrics, permutations)
@@ -470,7 +511,7 @@ def make_report(source: str | Path, baseline: str | None = None, metrics: Sequen
     plots = [plot(summaries, metrics, param, out, base_summary, title) for param in (varying or [None])]
     fixed, _ = fixed_settings(runs)
     write_csv(out / "report.csv", summaries, metrics, param_keys)
-    write_runs_csv(out / "runs.csv", runs, metrics)
+    write_runs_csv(out / "runs.csv", [*runs, *reference_runs], metrics)
     text = markdown(summaries, metrics, base_summary, primary, title, fixed, runs, permutations, plots)
     with atomic_write(out / "report.md") as handle:
         handle.write(text)

@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import yaml
 
 from research.errors import ResearchError
+from research.reliability import read_yaml_file, yaml_location
 from research.io import atomic_write, write_json
 
 PROGRAM = [sys.executable, "-m", "research.cli"]  # what runs a row's `research ...` command (tests swap it)
@@ -255,14 +255,12 @@ def _float(value: Any) -> float | None:
 
 def load_baselines(path: str | Path) -> tuple[dict[str, Any], list[Row]]:
     path = Path(path)
-    if not path.is_file():
-        raise BaselineError(f"baselines file {path} not found")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    raw = read_yaml_file(path, "baselines file")  # missing, non-UTF-8, YAML syntax: one line naming file and line
     if not isinstance(raw, dict) or not isinstance(raw.get("rows"), list):
         raise BaselineError(f"{path}: expected a mapping with a 'rows' list")
     unknown = sorted(set(raw) - set(DEFAULTS) - {"rows", "title", "description"})
     if unknown:
-        raise BaselineError(f"{path}: unknown top-level key(s) {', '.join(unknown)}")
+        raise BaselineError(f"{yaml_location(path, unknown[0])} unknown top-level key(s) {', '.join(unknown)}")
     rows = [parse_row(r, raw, f"{path} row {i + 1}") for i, r in enumerate(raw["rows"])]
     names = [row.name for row in rows]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -341,7 +339,7 @@ def markdown_table(title: str, results: Sequence[RowResult], out: Path) -> str:
         row = result.row
         for target in row.metrics:
             value = result.measured.get(target.name)
-            delta = "—" if value is None or target.expected is None else f"{value - target.expected:+.4f}"
+            delta = "—" if value is None or target.expected is None else f"{round(value - target.expected, 4) + 0.0:+.4f}"
             status = result.status if result.status in ("skipped", "error") else target.check(value)
             metric = target.name + (f" (rel ≥ {row.relevance_level})" if row.relevance_level != 1 and
                                     not target.name.startswith("nDCG") else "")

@@ -11,20 +11,18 @@ with ``***``. :func:`redact_argv` does the same for a command line (``--judge.ap
 
 **Loading.** :func:`load_torch_file` is ``torch.load(weights_only=True)``: tensors and plain containers only, no
 pickled code. Hugging Face weights load from safetensors (transformers reads ``*.bin`` with ``weights_only=True``),
-and ``trust_remote_code`` is off unless a config turns it on: :func:`check_no_remote_code` explains, in one line, why
-a model directory that ships its own modelling code is refused.
+and ``trust_remote_code`` is off unless a config turns it on: a model folder whose ``config.json`` maps classes to
+its own code (``auto_map``) loads the built-in class of a known architecture, or is refused (one line from the CLI).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from research.errors import ResearchError
 
 REDACTED = "***"
 
@@ -156,33 +154,3 @@ def load_torch_file(path: str | Path, map_location: Any = "cpu") -> Any:
     import torch
 
     return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def check_no_remote_code(path: str | Path, trust_remote_code: bool = False) -> None:
-    """Refuse, in one line, a local model directory whose ``config.json`` maps classes to its own code (``auto_map``)
-    for an architecture transformers does not know, unless ``trust_remote_code`` is on.
-
-    transformers would refuse too (its error asks to set ``trust_remote_code=True``); this names the directory and the
-    file, and says where to turn it on. A known architecture with an ``auto_map`` loads the built-in class: no code runs.
-    """
-    if trust_remote_code:
-        return
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        return
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return  # transformers reports a broken config itself
-    if not isinstance(config, dict) or not config.get("auto_map"):
-        return
-    from transformers import CONFIG_MAPPING
-
-    model_type = config.get("model_type")
-    if model_type in CONFIG_MAPPING:
-        return
-    raise ResearchError(
-        f"{config_file}: field 'auto_map' points to custom model code in {Path(path)} (model_type "
-        f"{model_type!r} is not built into transformers); it is not executed unless you trust it: set "
-        "trust_remote_code: true in the model's config (or --trust-remote-code)"
-    )

@@ -64,6 +64,7 @@ from typing import Any
 import yaml
 
 from research.errors import ResearchError
+from research.reliability import read_yaml_file, yaml_location
 from research.io import atomic_write, write_json
 
 SWEEPS_ROOT = Path("runs") / "sweeps"
@@ -116,55 +117,50 @@ class Sweep:
 def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep file (see the module docstring)."""
     path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep file {path} not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise SweepError(f"{path}: not valid YAML ({err})") from None
+    raw = read_yaml_file(path, "sweep file")  # missing, non-UTF-8, YAML syntax: one line naming file and line
     if not isinstance(raw, dict):
         raise SweepError(f"{path}: expected a mapping at the top level")
     unknown = sorted(set(raw) - set(OUR_KEYS) - set(WANDB_KEYS))
     if unknown:
-        raise SweepError(f"{path}: unknown key(s) {', '.join(unknown)} (W&B keys: {', '.join(WANDB_KEYS)}; "
+        raise SweepError(f"{yaml_location(path, unknown[0])} unknown key(s) {', '.join(unknown)} (W&B keys: {', '.join(WANDB_KEYS)}; "
                          f"ours: {', '.join(OUR_KEYS)})")
     method = raw.get("method")
     if method not in ("grid", "random", "bayes"):
-        raise SweepError(f"{path}: 'method' must be grid, random or bayes, got {method!r}")
+        raise SweepError(f"{yaml_location(path, 'method')} must be grid, random or bayes, got {method!r}")
     parameters = raw.get("parameters")
     if not isinstance(parameters, dict) or not parameters:
-        raise SweepError(f"{path}: 'parameters' must be a non-empty mapping of dotted config keys")
+        raise SweepError(f"{yaml_location(path, 'parameters')} must be a non-empty mapping of dotted config keys")
     for key, spec in parameters.items():
         if not isinstance(spec, dict):
-            raise SweepError(f"{path}: parameter {key!r}: expected a mapping (values, value or distribution)")
+            raise SweepError(f"{yaml_location(path, f'parameters.{key}')} expected a mapping (values, value or distribution)")
         if key == SEED_PARAMETER:
             raise SweepError(f"{path}: parameter name {SEED_PARAMETER!r} is reserved: list seeds under 'seeds'")
     configs = raw.get("configs") or []
     if isinstance(configs, str):
         configs = [configs]
     if not configs:
-        raise SweepError(f"{path}: 'configs' (the base `research fit` configs) is missing")
+        raise SweepError(f"{yaml_location(path, 'configs')} (the base `research fit` configs) is missing")
     for config in configs:
         if not Path(config).is_file():
-            raise SweepError(f"{path}: base config {config} not found (paths are relative to the working directory)")
+            raise SweepError(f"{yaml_location(path, 'configs')} base config {config} not found (paths are relative to the working directory)")
     seeds = raw.get("seeds", [0])
     if isinstance(seeds, int):
         seeds = [seeds]
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise SweepError(f"{path}: 'seeds' must be a non-empty list of integers")
+        raise SweepError(f"{yaml_location(path, 'seeds')} must be a non-empty list of integers")
     if len(set(seeds)) != len(seeds):
-        raise SweepError(f"{path}: 'seeds' has duplicates")
+        raise SweepError(f"{yaml_location(path, 'seeds')} has duplicates")
     seed_keys = raw.get("seed_keys", ["seed_everything"])
     seed_keys = [seed_keys] if isinstance(seed_keys, str) else list(seed_keys)
     run_cap = raw.get("run_cap")
     if run_cap is not None and (not isinstance(run_cap, int) or run_cap < 1):
-        raise SweepError(f"{path}: 'run_cap' must be a positive integer")
+        raise SweepError(f"{yaml_location(path, 'run_cap')} must be a positive integer")
     name = str(raw.get("name") or path.stem)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise SweepError(f"{path}: sweep name {name!r} must be letters, digits, '.', '_' or '-'")
     metric = raw.get("metric")
     if metric is not None and (not isinstance(metric, dict) or "name" not in metric):
-        raise SweepError(f"{path}: 'metric' must be a mapping with 'name' (and 'goal')")
+        raise SweepError(f"{yaml_location(path, 'metric')} must be a mapping with 'name' (and 'goal')")
     return Sweep(name=name, method=method, parameters=parameters, configs=[str(c) for c in configs], seeds=list(seeds),
                  seed_keys=seed_keys, metric=metric, fit_args=[str(a) for a in raw.get("fit_args") or []],
                  run_cap=run_cap, random_seed=int(raw.get("random_seed", 0)),

@@ -17,6 +17,7 @@ from pathlib import Path
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from research.io import write_json
+from research.safety import redact_argv
 
 TRACKED_PACKAGES = ("torch", "lightning", "transformers", "sentence-transformers", "peft", "faiss-cpu", "faiss-gpu",
                     "bm25s", "wandb", "deepspeed", "numpy", "scipy")
@@ -60,7 +61,7 @@ def run_info(seed: int | None = None) -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             continue
-    return {"git_commit": commit, "git_dirty": dirty, "seed": seed, "argv": sys.argv, "python": sys.version.split()[0],
+    return {"git_commit": commit, "git_dirty": dirty, "seed": seed, "argv": redact_argv(sys.argv), "python": sys.version.split()[0],
             "platform": platform.platform(), "packages": versions}
 
 

@@ -302,3 +302,25 @@ def test_interrupted_mining_resumes_from_its_progress(world, tmp_path):
     assert out.read_bytes() == fresh.read_bytes() and stats == fresh_stats
     assert not progress.exists()
     assert isinstance(stats, MiningStats)
+
+
+@pytest.mark.parametrize("loss", ["MarginMSE", "KLDistillation"])
+def test_mined_teacher_groups_distill_into_the_bi_encoder(world, tmp_path, loss):
+    """mine -> teacher scores (cross-encoder) -> BiEncoderModule(distill=True, no in-batch negatives) trains."""
+    import lightning as L
+
+    import research.losses as losses
+    from datamodules.retrieval import RetrievalDataModule
+    from modules.bi_encoder import BiEncoderModule
+
+    out = tmp_path / "groups.jsonl"
+    assert main(["mine", "--model", str(world["bi"]), "--data", str(world["beir"]), "--out", str(out), "--depth", "12",
+                 "--rank-window", "2:12", "--rescorer", str(world["ce"]), "--device", "cpu"]) == 0
+    module = BiEncoderModule(model=str(world["bi"]), loss=getattr(losses, loss)(), distill=True, in_batch_negatives=False)
+    dm = RetrievalDataModule(str(world["beir"]), train_split="train", eval_split=None, groups_file=str(out),
+                             num_negatives=3, batch_size=4)
+    before = [p.detach().clone() for p in module.encoder.parameters()]
+    L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False, limit_val_batches=0,
+              num_sanity_val_steps=0,
+              enable_progress_bar=False, enable_model_summary=False).fit(module, datamodule=dm)
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.encoder.parameters()))

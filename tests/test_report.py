@@ -73,6 +73,7 @@ def test_paired_ttest_matches_hand_computation_and_scipy():
     assert t == pytest.approx(t_hand) and p == pytest.approx(p_hand)
     assert p == pytest.approx(stats.ttest_rel(a, b).pvalue)
     assert paired_ttest(a, a) == (0.0, 1.0)
+    assert paired_ttest(a + 0.05, a) == (math.inf, 0.0)
     assert all(math.isnan(x) for x in paired_ttest([0.1], [0.2]))
 
 
@@ -151,6 +152,24 @@ def test_report_files_and_tests_against_baseline(sweep_dir, tmp_path):
     assert "`max_steps=25`" in text and "`batch_size=32`" in text  # the fixed budget is stated
     (png,) = result["plots"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"![{png.stem}]({png.name})" in text
+
+
+def test_reference_evaluation_is_a_row_and_a_line(sweep_dir, tmp_path):
+    root, values = sweep_dir
+    ref = tmp_path / "zero-shot" / "eval"
+    ref.mkdir(parents=True)
+    per = {q: {"nDCG@10": 0.4, "RR@10": 0.5} for q in QUERIES}
+    (ref / "per_query.json").write_text(json.dumps(per))
+    (ref / "metrics.json").write_text(json.dumps({"nDCG@10": 0.4, "RR@10": 0.5, "num_queries": 8}))
+    result = make_report(root, baseline="InfoNCE", references=[f"zero-shot={ref.parent}"], out=tmp_path / "r", quiet=True)
+    (reference,) = [s for s in result["summaries"] if s.reference]
+    assert reference.label == "zero-shot" and reference.mean["nDCG@10"] == 0.4
+    base = [np.mean([values[("InfoNCE", s)][q] for s in (1, 2, 3)]) for q in QUERIES]
+    assert reference.tests["nDCG@10"]["p_ttest"] == pytest.approx(stats.ttest_rel([0.4] * 8, base).pvalue)
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "| zero-shot (reference) | — |" in text and "9 runs" in text
+    with pytest.raises(ResearchError, match="NAME=DIR"):
+        make_report(root, references=["nothing"], out=tmp_path / "r", quiet=True)
 
 
 def test_baseline_by_run_id_and_errors(sweep_dir, tmp_path):

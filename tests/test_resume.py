@@ -152,7 +152,8 @@ def test_killed_fit_resumes_to_the_uninterrupted_weights(tiny_model_dir, tiny_be
     assert len(err) == 1 and "--ckpt_path last" in err[0] and str(last) in err[0], err
 
     assert main(["fit", "--config", str(plain), "--run_dir", str(resumed_dir), "--ckpt_path", "last"]) == 0
-    assert f"resuming from {last}" in capsys.readouterr().err
+    assert f"resuming from {last} (the interrupted attempt's records kept as" in capsys.readouterr().err
+    assert (resumed_dir / "run_info.attempt1.json").is_file() and (resumed_dir / "config.attempt1.yaml").is_file()
     assert main(["fit", "--config", str(plain), "--run_dir", str(reference_dir)]) == 0
 
     resumed, reference = _weights(resumed_dir), _weights(reference_dir)
@@ -191,9 +192,24 @@ def _batches(loader, epoch: int) -> list[list[int]]:
     return list(loader)
 
 
-def _group_loader() -> ResumableDataLoader:
+def _group_loader(workers: int = 0) -> ResumableDataLoader:
     return ResumableDataLoader(_Indexable(range(10)), batch_size=3, drop_last=True, sampler=EpochShuffleSampler(10, 4),
-                               collate_fn=lambda items: [i for _, i in items])
+                               collate_fn=_ids, num_workers=workers, persistent_workers=workers > 0)
+
+
+def _ids(items):
+    return [i for _, i in items]
+
+
+def test_resumable_loader_with_workers():
+    """Worker processes prefetch indices when the iterator starts: it starts at the first batch, after set_epoch."""
+    reference = _batches(_group_loader(), 1)
+    loader = _group_loader(workers=2)
+    loader.load_state_dict({"epoch": 1, "batches": 2})
+    iterator = iter(loader)
+    loader.sampler.set_epoch(1)
+    assert list(iterator) == reference[2:]
+    assert _batches(loader, 2) == _batches(_group_loader(), 2)  # persistent workers: the next epoch is whole
 
 
 def test_resumable_loader_skips_what_was_trained_on():

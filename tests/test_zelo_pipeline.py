@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
 from research.cli import main
 from research.errors import ResearchError
-from research.zelo import read_scores, read_votes, sample_pairs, derive_seed
+from research.zelo import derive_seed, read_scores, read_votes, sample_pairs
 from research.zelo.judges import (
     BM25Scorer, Ensemble, ScoreJudge, build_ensemble, parse_judge_spec, read_judge_specs,
 )

@@ -17,13 +17,14 @@ from pathlib import Path
 def cmd_sweep(args: argparse.Namespace) -> None:
     import yaml
 
+    from research.io import atomic_write
     from research.sweep import load_sweep, run_sweep, status_table, wandb_config
 
     if args.wandb_config:
         sweep = load_sweep(args.file)
         out = Path(args.wandb_config)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(yaml.safe_dump(wandb_config(sweep, args.file), sort_keys=False), encoding="utf-8")
+        with atomic_write(out) as handle:
+            yaml.safe_dump(wandb_config(sweep, args.file), handle, sort_keys=False)
         print(f"wrote {out}; then: wandb sweep {out}  and  wandb agent <entity>/<project>/<sweep id>")
         return
     if args.status:
@@ -54,7 +55,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     from research.report import make_report
 
     make_report(args.source, baseline=args.baseline, metrics=args.metrics, out=args.out, permutations=args.permutations,
-                root=args.root, title=args.title)
+                root=args.root, title=args.title, references=args.reference or ())
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
@@ -92,6 +93,8 @@ def register(sub) -> None:
     p.add_argument("--permutations", type=int, default=10000, help="paired randomization test samples")
     p.add_argument("--root", default="runs", help="where names are looked up (runs/sweeps/<name>, runs/<name>)")
     p.add_argument("--title", default=None)
+    p.add_argument("--reference", action="append", metavar="NAME=DIR",
+                   help="add one evaluation (DIR with metrics.json + per_query.json), e.g. zero-shot=runs/x/eval")
 
     p = sub.add_parser("reproduce", help="run the baseline rows of a file, compare with the expected values")
     p.set_defaults(func=cmd_reproduce)

@@ -161,6 +161,7 @@ def cmd_run_to_groups(args: argparse.Namespace) -> None:
     from datamodules.beir import load_dataset
     from research.io import write_jsonl
     from research.mining import MiningConfig, parse_rank_window, run_to_groups
+    from research.io import iter_lines
     from research.trec import read_run
 
     rank_min, rank_max = parse_rank_window(args.rank_window)
@@ -168,12 +169,15 @@ def cmd_run_to_groups(args: argparse.Namespace) -> None:
                           num_negatives=args.num_negatives)
     data = load_dataset(args.data, args.split)
     run = read_run(args.run)
+    if not run:
+        raise DataFormatError(args.run, None, None, "no run lines")
     records, stats, missing = run_to_groups(run, data.qrels, config, args.relevance_level)
     for record in records:
         for doc_id in record["negatives"]:
             if doc_id not in data.corpus:
-                raise ResearchError(f"{args.run}: document '{doc_id}' (query '{record['query_id']}') is not in the corpus "
-                                    f"{data.path / 'corpus.jsonl'}")
+                line = next((n for n, text in iter_lines(args.run) if text.split()[0:3:2] == [record["query_id"], doc_id]), None)
+                raise DataFormatError(args.run, line, "doc_id", f"unknown document '{doc_id}' (query '{record['query_id']}'), "
+                                      f"not in {data.path / 'corpus.jsonl'}")
     write_jsonl(args.out, records)
     print(stats.table())
     print(f"wrote {args.out} ({len(records)} groups; {missing} judged queries have no row in the run)")

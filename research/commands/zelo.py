@@ -47,8 +47,20 @@ def cmd_votes(args: argparse.Namespace) -> None:
     pairs = plan_pairs(candidates, cycles=args.cycles, seed=args.seed, all_pairs=args.all_pairs)
     ensemble = build_ensemble(specs, data, device)
     out = Path(args.out)
+    meta_path = out.with_name(out.name + ".meta.json")
+    if out.is_file() and meta_path.is_file():
+        import json
+
+        before = json.loads(meta_path.read_text(encoding="utf-8"))
+        changed = [k for k in ("candidates", "top_n", "cycles", "all_pairs", "seed", "judges")
+                   if before.get(k) != {"candidates": str(args.candidates), "top_n": args.top_n, "cycles": args.cycles,
+                                        "all_pairs": args.all_pairs, "seed": args.seed,
+                                        "judges": ensemble.describe()}[k]]
+        if changed:
+            print(f"warning: resuming {out} with different settings ({', '.join(changed)}): its earlier votes are "
+                  f"kept and their pairs skipped", file=sys.stderr)
     # the run's settings beside the votes: judge specs name the key's environment variable, never the key
-    write_json(out.with_name(out.name + ".meta.json"), {
+    write_json(meta_path, {
         "data": str(args.data), "split": args.split, "candidates": str(args.candidates), "top_n": args.top_n,
         "cycles": args.cycles, "all_pairs": args.all_pairs, "seed": args.seed, "queries": len(candidates),
         "pairs": len(pairs), "judges": ensemble.describe()})

@@ -452,10 +452,8 @@ class LayerwiseLLMReranker(nn.Module):
         else:
             backbone = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
             config.lora = None
-            if not saved:
-                config.base_model = str(path.resolve()) if Path(name_or_path).expanduser().is_dir() else str(name_or_path)
-            else:
-                config.base_model = saved.get("base_model") or str(path.resolve())
+            # where these backbone weights come from: what a LoRA adapter saved later refers to
+            config.base_model = str(path.resolve()) if Path(name_or_path).expanduser().is_dir() else str(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = cls(backbone, tokenizer, config)
         heads_file = path / HEADS_FILE

@@ -28,7 +28,7 @@ import torch
 from scipy.special import expit
 from torch import Tensor
 
-from research.errors import ResearchError
+from research.errors import DataFormatError, ResearchError
 
 if TYPE_CHECKING:
     from datamodules.beir import RetrievalDataset
@@ -229,14 +229,16 @@ def parse_judge_spec(spec: str) -> dict[str, Any]:
 
 def read_judge_specs(path: str | Path) -> list[dict[str, Any]]:
     """A YAML or JSON list of judge specs (dicts, or spec strings); ``{"judges": [...]}`` works too."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        loaded = json.loads(text)
-    else:
-        import yaml
+    from research.reliability import read_yaml_file
 
-        loaded = yaml.safe_load(text)
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as err:
+            raise DataFormatError(path, err.lineno, None, f"invalid JSON ({err.msg} at column {err.colno})") from None
+    else:
+        loaded = read_yaml_file(path, "judges file")  # missing, non-UTF-8, YAML syntax: one line with the line
     if isinstance(loaded, Mapping):
         loaded = loaded.get("judges")
     if not isinstance(loaded, list) or not loaded:
