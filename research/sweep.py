@@ -495,8 +495,8 @@ class _Runner:
             self.say(f"finished {rid} in {seconds:.0f} s")
             return True
         status = "interrupted" if self.stop.is_set() else "failed"
-        if returncode == 0:
-            returncode = "no eval_after/metrics.json (set test_after_fit: true)"
+        if returncode == 0 and status == "failed":
+            returncode = "exit 0 without eval_after/metrics.json (set test_after_fit: true)"
         self.state.update(rid, status, status=status, returncode=returncode, seconds=seconds)
         self.say(f"{status} {rid} (return code {returncode}; log: {run_dir / 'stdout.log'})")
         return False
