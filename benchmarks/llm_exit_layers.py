@@ -69,6 +69,16 @@ def time_exit_layers(reranker, data, pairs, layers, batch_size, repeats, precisi
     return timings, differences
 
 
+def cached(path: Path, compute):
+    """``compute()`` once: its result is kept in ``path`` (torch.save), so a re-run with the same ``--out`` resumes."""
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    result = compute()
+    torch.save(result, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -129,34 +139,47 @@ def main() -> None:
     # 2. the untrained model
     common = dict(readout="heads", start_layer=args.start_layer, layer_stride=args.layer_stride,
                   max_length=args.max_length, query_max_length=args.query_max_length)
-    untrained = LayerwiseLLMReranker.from_pretrained(args.model, **common).to(device).eval()
-    layers = untrained.layers
-    before, before_scores, seconds = evaluate_layers(untrained, test, pairs, layers, args.batch_size, precision, device)
+
+    def untrained_pass():
+        untrained = LayerwiseLLMReranker.from_pretrained(args.model, **common).to(device).eval()
+        return untrained.layers, *evaluate_layers(untrained, test, pairs, untrained.layers, args.batch_size, precision, device)
+
+    layers, before, before_scores, seconds = cached(out / "untrained.pt", untrained_pass)
     print(f"untrained: one pass over {len(pairs)} pairs in {seconds:.0f} s; nDCG@10 "
           + " ".join(f"L{l} {v:.4f}" for l, v in before.items()), flush=True)
-    del untrained
 
-    # 3. LoRA training
-    module = LLMRerankerModule(model=args.model, lora_rank=args.lora_rank, lr=args.lr, head_lr=args.head_lr,
-                               distill_weight=args.distill_weight, gradient_checkpointing=args.gradient_checkpointing, warmup_ratio=0.1, **common)
-    datamodule = CandidateGroupsDataModule(args.data, train_split="train", eval_split=None, group_size=args.group_size,
-                                           negative_rank_min=args.negative_ranks[0], negative_rank_max=args.negative_ranks[1],
-                                           batch_size=args.batch_queries, seed=args.seed)
-    trainer = L.Trainer(max_steps=args.steps, accelerator=device, devices=1, precision=precision, logger=L.pytorch.loggers.CSVLogger(out, name="train"),
-                        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-                        log_every_n_steps=1, limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0)
-    train_started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
-    train_seconds = time.perf_counter() - train_started
-    losses = trainer.callback_metrics
-    print(f"trained {args.steps} steps of {args.batch_queries}x{args.group_size} in {train_seconds:.0f} s "
-          f"({train_seconds / max(args.steps, 1):.1f} s/step); last " + " ".join(f"{k} {float(v):.3f}" for k, v in losses.items()),
-          flush=True)
-    module.save_pretrained(out / "model")
-    trained = module.reranker.to(device).eval()
+    # 3. LoRA training (checkpointed every 5 steps: a re-run with the same --out resumes)
+    def train():
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        module = LLMRerankerModule(model=args.model, lora_rank=args.lora_rank, lr=args.lr, head_lr=args.head_lr,
+                                   distill_weight=args.distill_weight, gradient_checkpointing=args.gradient_checkpointing,
+                                   warmup_ratio=0.1, **common)
+        datamodule = CandidateGroupsDataModule(args.data, train_split="train", eval_split=None, group_size=args.group_size,
+                                               negative_rank_min=args.negative_ranks[0],
+                                               negative_rank_max=args.negative_ranks[1],
+                                               batch_size=args.batch_queries, seed=args.seed)
+        checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=5, save_last=True, save_top_k=0)
+        trainer = L.Trainer(max_steps=args.steps, accelerator=device, devices=1, precision=precision,
+                            logger=L.pytorch.loggers.CSVLogger(out, name="train", flush_logs_every_n_steps=1),
+                            callbacks=[checkpoints], enable_model_summary=False, enable_progress_bar=False,
+                            log_every_n_steps=1, limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0)
+        last = out / "checkpoints" / "last.ckpt"
+        train_started = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
+        module.save_pretrained(out / "model")
+        return {"seconds_this_run": time.perf_counter() - train_started, "resumed": last.is_file(),
+                "final_train_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
+
+    training = cached(out / "training.pt", train)
+    print(f"trained {args.steps} steps of {args.batch_queries}x{args.group_size}: " + " ".join(
+        f"{k} {v:.3f}" for k, v in training["final_train_metrics"].items()), flush=True)
+    trained = LayerwiseLLMReranker.from_pretrained(out / "model").to(device).eval()
 
     # 4. the trained model; 5. time per exit layer
-    after, after_scores, seconds = evaluate_layers(trained, test, pairs, layers, args.batch_size, precision, device)
+    after, after_scores, seconds = cached(out / "trained.pt", lambda: evaluate_layers(
+        trained, test, pairs, layers, args.batch_size, precision, device))
+    print(f"trained: one pass over {len(pairs)} pairs in {seconds:.0f} s", flush=True)
     sample = pairs[: args.timing_pairs]
     timings, differences = time_exit_layers(trained, test, sample, layers, args.batch_size, args.timing_repeats,
                                             precision, device, after_scores)
@@ -173,8 +196,7 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps({
         "args": vars(args), "precision": precision, "queries": query_ids, "pairs": len(pairs), "bm25_ndcg@10": bm25_ndcg,
         "untrained_ndcg@10": before, "trained_ndcg@10": after, "seconds_per_100_docs": timings,
-        "max_abs_exit_vs_one_pass": differences, "train_seconds": train_seconds,
-        "final_train_metrics": {k: float(v) for k, v in losses.items()},
+        "max_abs_exit_vs_one_pass": differences, "training": training,
     }, indent=2) + "\n")
 
 

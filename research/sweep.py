@@ -22,7 +22,8 @@ A sweep file is a W&B sweep configuration plus a few keys of ours::
     keep_checkpoints: false                 # delete a run's checkpoints/ once it has finished (default true)
 
 A parameter's value may also be a mapping of dotted keys (a *bundle*), e.g. a loss together with its data
-setting: ``values: [{model.init_args.loss.class_path: research.losses.InfoNCE, data.init_args.num_negatives: 1}]``.
+setting: ``values: [{model.init_args.loss.class_path: research.losses.InfoNCE, data.init_args.num_negatives: 1}]``;
+an optional ``name`` key (no dot) labels the bundle in run ids and reports instead of its joined values.
 
 Offline (:func:`run_sweep`, ``research sweep FILE``): every run is ``research fit --config <configs...> --config
 <override.yaml>`` in a subprocess, in ``runs/sweeps/<name>/<run id>``; the run id is deterministic (parameter values
@@ -168,6 +169,9 @@ def load_sweep(path: str | Path) -> Sweep:
 
 
 # ---------------------------------------------------------------- parameter values
+BUNDLE_NAME = "name"  # the label key of a bundle (not a config key)
+
+
 def _grid_values(key: str, spec: dict[str, Any]) -> list[Any]:
     if "values" in spec:
         values = spec["values"]
@@ -291,6 +295,8 @@ def short_key(key: str) -> str:
 def short_value(value: Any) -> str:
     """``research.losses.InfoNCE`` -> ``InfoNCE``; floats in short form; a bundle by its own short values."""
     if isinstance(value, dict):
+        if BUNDLE_NAME in value:
+            return str(value[BUNDLE_NAME])
         return "+".join(short_value(v) for v in value.values())
     if isinstance(value, bool):
         return str(value).lower()
@@ -333,9 +339,10 @@ def override_config(params: dict[str, Any], seed: int | None, seed_keys: Sequenc
     """The nested YAML that sets each dotted parameter (bundles expanded) and the seed keys."""
     tree: dict[str, Any] = {}
     for key, value in params.items():
-        if isinstance(value, dict) and all("." in k for k in value):  # a bundle of dotted keys
+        if isinstance(value, dict) and all("." in k for k in value if k != BUNDLE_NAME):  # a bundle of dotted keys
             for sub_key, sub_value in value.items():
-                _set_dotted(tree, sub_key, sub_value)
+                if sub_key != BUNDLE_NAME:
+                    _set_dotted(tree, sub_key, sub_value)
         else:
             _set_dotted(tree, key, value)
     if seed is not None:

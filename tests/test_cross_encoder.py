@@ -19,9 +19,10 @@ from research.evaluation import evaluate_run
 from research.losses import CombinedLoss, ListwiseSoftmaxCE, PointwiseBCE, RankNet
 from research.models.bi_encoder import BiEncoder, BiEncoderConfig
 from research.models.cross_encoder import CrossEncoder, CrossEncoderConfig
+from research.fusion import interpolate
 from research.rerank import BiEncoderLoader, BiEncoderScorer, CrossEncoderLoader, candidate_run, load_scorer, rerank_run
 from research.errors import ResearchError
-from research.trec import read_run, write_run
+from research.trec import read_run, truncate_run, write_run
 
 WORDS = ("the a of in and is to with cell cells protein proteins gene genes cancer tumor dna rna mouse mice human "
          "study effect effects blood heart brain risk disease drug treatment increase decrease level levels virus "
@@ -298,9 +299,12 @@ def test_research_rerank_end_to_end(beir, ce_dir, tmp_path, capsys):
     write_run(tmp_path / "cands.trec", CANDIDATES)
     out2 = tmp_path / "out2"
     assert main(["rerank", "--model", str(ce_dir), "--data", str(beir), "--candidates", str(tmp_path / "cands.trec"),
-                 "--top-k", "3", "--out", str(out2)]) == 0
+                 "--top-k", "3", "--out", str(out2), "--interpolate", "0.5"]) == 0
     model = CrossEncoder.from_pretrained(ce_dir).eval()
-    assert_runs_close(read_run(out2 / "run.trec"), rerank_run(model, data, CANDIDATES, top_k=3))
+    reranked = rerank_run(model, data, CANDIDATES, top_k=3)
+    assert_runs_close(read_run(out2 / "run.trec"), reranked)
+    assert_runs_close(read_run(out2 / "interpolated" / "run.trec"), interpolate(reranked, truncate_run(CANDIDATES, 3), 0.5))
+    assert json.loads((out2 / "interpolated" / "metrics.json").read_text())["weight"] == 0.5
 
 
 def test_research_rerank_detects_the_model_kind(beir, tmp_path, capsys):

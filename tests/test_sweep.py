@@ -164,6 +164,12 @@ def test_override_config_nests_dotted_keys_bundles_and_seeds():
     assert tree == {"model": {"init_args": {"loss": {"class_path": "research.losses.InfoNCE"}, "temperature": 0.02}},
                     "trainer": {"max_steps": 25}, "data": {"init_args": {"num_negatives": 1, "seed": 7}},
                     "seed_everything": 7}
+    # a named bundle: the name labels the run and never reaches the config
+    named = {"model.init_args.loss.class_path": {"name": "InfoNCE+HN", "model.init_args.loss.class_path": "research.losses.InfoNCE",
+                                                 "data.init_args.num_negatives": 3}}
+    assert override_config(named, None, []) == {"model": {"init_args": {"loss": {"class_path": "research.losses.InfoNCE"}}},
+                                                "data": {"init_args": {"num_negatives": 3}}}
+    assert config_label(named) == "InfoNCE+HN" and run_id(named, 1).startswith("InfoNCE+HN-s1-")
 
 
 def test_wandb_export_and_agent_arguments(tmp_path, fake_fit):

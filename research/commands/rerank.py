@@ -43,6 +43,17 @@ def cmd_rerank(args: argparse.Namespace) -> None:
     print_metrics(f"candidates ({args.candidates}, top {args.top_k})", first_stage.metrics.aggregate)
     print_metrics(f"re-ranked by {args.model}", evaluation.metrics.aggregate)
     print(f"wrote {Path(args.out) / 'run.trec'} and {Path(args.out) / 'metrics.json'}")
+    if args.interpolate is not None:
+        from research.fusion import interpolate
+
+        fused = evaluate_run(interpolate(run, candidates, args.interpolate), data.qrels)
+        fused_dir = Path(args.out) / "interpolated"
+        save_evaluation(fused_dir, fused, tag="interpolated", model=str(args.model), data=str(args.data),
+                        split=args.split, candidates=str(args.candidates), top_k=args.top_k,
+                        weight=args.interpolate, normalization="per-query z-score")
+        print_metrics(f"interpolated ({args.interpolate:g} x re-ranker + {1 - args.interpolate:g} x candidates)",
+                      fused.metrics.aggregate)
+        print(f"wrote {fused_dir / 'run.trec'} and {fused_dir / 'metrics.json'}")
 
 
 def register(sub) -> None:
@@ -61,3 +72,5 @@ def register(sub) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="32-true", help="bf16-mixed: bfloat16 autocast")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--interpolate", type=float, default=None, metavar="WEIGHT",
+                   help="also write OUT/interpolated: WEIGHT x z(re-ranker) + (1 - WEIGHT) x z(candidates) per query")
