@@ -121,7 +121,7 @@ class DenseEvalRow(Row):
     fields: ClassVar[tuple[str, ...]] = ("model", "max_length", "batch_size")
     model: str = ""
     max_length: int | None = None
-    batch_size: int = 128
+    batch_size: int = 16
 
     def command(self, out: Path) -> list[str]:
         command = ["evaluate", "--model", self.model, "--data", self.data, "--split", self.split, "--out", str(out),
@@ -158,16 +158,21 @@ class FitEvalRow(Row):
 
 @dataclass
 class RerankRow(Row):
-    """``research rerank`` of a candidate run; with ``train`` configs, fit the re-ranker first (``out/train/model``)."""
+    """``research rerank`` of a candidate run; with ``train`` configs, fit the re-ranker first (``out/train/model``).
+
+    With ``interpolate: W`` the row scores ``out/interpolated/run.trec``: W x z(re-ranker) + (1 - W) x z(candidates).
+    """
 
     kind: ClassVar[str] = "rerank"
-    fields: ClassVar[tuple[str, ...]] = ("model", "train", "train_args", "candidates", "batch_size", "max_length")
+    fields: ClassVar[tuple[str, ...]] = ("model", "train", "train_args", "candidates", "batch_size", "max_length",
+                                         "interpolate")
     model: str | None = None
     train: list[str] = field(default_factory=list)
     train_args: list[str] = field(default_factory=list)
     candidates: str = "bm25"
     batch_size: int = 32
     max_length: int | None = None
+    interpolate: float | None = None
 
     def model_path(self, out: Path) -> str:
         return self.model if self.model else str(out / "train" / "model")
@@ -178,7 +183,12 @@ class RerankRow(Row):
                    "--precision", self.precision, "--batch-size", str(self.batch_size)]
         if self.max_length is not None:
             command += ["--max-length", str(self.max_length)]
+        if self.interpolate is not None:
+            command += ["--interpolate", str(self.interpolate)]
         return command
+
+    def run_file(self, out: Path) -> Path:
+        return out / "interpolated" / "run.trec" if self.interpolate is not None else out / "run.trec"
 
     def commands(self, out: Path) -> list[list[str]]:
         if not self.train:
@@ -191,7 +201,8 @@ class RerankRow(Row):
 
     def describe(self) -> str:
         what = self.model or " + ".join(Path(c).stem for c in self.train)
-        return f"{self.candidates} top-{self.top_k} re-ranked by {what}"
+        fused = f", interpolated {self.interpolate:g}/{1 - self.interpolate:g} with {self.candidates}" if self.interpolate is not None else ""
+        return f"{self.candidates} top-{self.top_k} re-ranked by {what}{fused}"
 
 
 ROW_KINDS: dict[str, type[Row]] = {cls.kind: cls for cls in (BM25Row, DenseEvalRow, FitEvalRow, RerankRow)}

@@ -57,6 +57,10 @@ def test_each_kind_is_a_small_class_with_its_command(tmp_path):
     assert fit[:3] == ["fit", "--config", "ce.yaml"] and fit[fit.index("--run_dir") + 1] == "OUT/train"
     assert rerank[:3] == ["rerank", "--model", "OUT/train/model"] and rerank[rerank.index("--top-k") + 1] == "50"
     assert rows[3].relevance_level == 2 and not rows[3].enabled
+    assert rows[3].run_file(out) == out / "run.trec"
+    fused = RerankRow(name="fused", data=data, model="ce", interpolate=0.5)
+    assert fused.command(out)[-2:] == ["--interpolate", "0.5"]
+    assert fused.run_file(out) == out / "interpolated" / "run.trec" and "interpolated 0.5/0.5" in fused.describe()
 
 
 @pytest.mark.parametrize("row, message", [
