@@ -21,6 +21,7 @@ from research.evaluation import DEFAULT_METRICS, Evaluation, dense_search, evalu
 from research.gradcache import GradCache
 from research.losses import InfoNCE, RankingLoss
 from research.models.bi_encoder import BiEncoder
+from research.models.fast_dropout import use_fast_dropout
 
 
 class BiEncoderModule(L.LightningModule):
@@ -47,6 +48,8 @@ class BiEncoderModule(L.LightningModule):
             settings, precision and corpus are unchanged (evaluation only; the key hashes every parameter).
         gradient_checkpointing: activation checkpointing in the backbone(s) (transformers'
             ``activation_checkpointing_enable``, non-reentrant): recompute layer activations in backward.
+        fast_dropout: CPU training speed: cheaper dropout masks, same dropout rates
+            (:func:`research.models.fast_dropout.use_fast_dropout`; evaluation outputs are unchanged).
 
     Gradient accumulation (``Trainer(accumulate_grad_batches=k)``) is NOT a larger contrastive batch: each micro-batch
     still sees only its own in-batch negatives, so the loss is the average of k small-batch losses. To train with the
@@ -78,6 +81,7 @@ class BiEncoderModule(L.LightningModule):
         gradcache_chunk_size: int | None = None,
         gradient_checkpointing: bool = False,
         cache_corpus_embeddings: bool = True,
+        fast_dropout: bool = False,
     ) -> None:
         super().__init__()
         if gradcache_chunk_size is not None and gradcache_chunk_size < 1:
@@ -97,6 +101,9 @@ class BiEncoderModule(L.LightningModule):
                     tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
                 else:
                     tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if fast_dropout:
+            for tower in self.towers():
+                use_fast_dropout(tower)
 
     def _load_encoder(self) -> BiEncoder:
         hp = self.hparams
