@@ -12,7 +12,8 @@ class GroupBatch:
     """Queries, each with a group of documents (its positive first, then negatives) and per-document targets.
 
     ``targets[i, j]`` is the label (1 positive, 0 negative, or a graded value) of ``documents[i][j]``;
-    ``teacher_scores`` holds a teacher's scores for the same documents when the data has them.
+    ``teacher_scores`` holds a teacher's scores for the same documents when the data has them (NaN for a document
+    the teacher did not score, e.g. a random negative topping up a short mined group).
     ``positive_ids[i]`` are all documents labelled relevant for query ``i`` (to mask false in-batch negatives).
     """
 

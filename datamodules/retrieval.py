@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import random
 import zlib
 from collections.abc import Iterator
@@ -87,9 +89,9 @@ class GroupDataset(Dataset):
         targets = torch.zeros(len(items), len(doc_ids[0]))
         targets[:, 0] = 1.0
         teacher = None
-        scored = [self.groups[qid].scores for qid, _ in items]
-        if all(all(d in s for d in docs) for s, docs in zip(scored, doc_ids)):
-            teacher = torch.tensor([[s[d] for d in docs] for s, docs in zip(scored, doc_ids)])
+        scored = [self.groups[qid].scores or {} for qid, _ in items]
+        if any(scored):  # NaN marks a document the teacher never scored (e.g. a random top-up negative)
+            teacher = torch.tensor([[s.get(d, math.nan) for d in docs] for s, docs in zip(scored, doc_ids)])
         return GroupBatch(
             query_ids=[qid for qid, _ in items],
             queries=[queries[qid] for qid, _ in items],

@@ -145,9 +145,13 @@ class BiEncoderModule(L.LightningModule):
         if targets is None:
             raise ValueError("distill=True needs teacher scores in the training groups")
         targets = targets.to(device=queries.device, dtype=torch.float32)
+        known = torch.isfinite(targets)  # teacher scores: NaN where the teacher never scored the document
         if not self.hparams.in_batch_negatives:
             scores = torch.einsum("bd,bnd->bn", queries, documents.view(size, group, -1)) * self.scale
-            return scores, targets, torch.ones_like(scores, dtype=torch.bool), 1.0
+            return scores, targets.masked_fill(~known, 0.0), known, 1.0
+        if not known.all():
+            raise ValueError("distill=True with in_batch_negatives=True needs a teacher score for every document of "
+                             "every group (set in_batch_negatives: false to distil over the scored documents only)")
         doc_keys = id_hashes([d for ids in batch.doc_ids for d in ids], queries.device)
         offset, loss_scale = 0, 1.0
         if self.hparams.gather_across_devices and is_distributed():

@@ -210,3 +210,33 @@ def test_encode_dataset_judged_queries_then_all_documents_by_length(tiny_beir_di
     module.setup("test")
     assert module.train_data is None
     assert [b.ids for b in module.test_dataloader()] == [b.ids for b in batches]
+
+
+def test_unscored_top_up_negatives_are_nan_and_masked_in_distillation(tiny_beir_dir, tiny_model_dir, tmp_path):
+    """A mined group shorter than num_negatives is topped up with random documents the teacher never scored: NaN
+    teacher scores, which the bi-encoder masks out of MarginMSE (no in-batch negatives)."""
+    from modules.bi_encoder import BiEncoderModule
+    from research.losses import MarginMSE
+
+    train = load_dataset(tiny_beir_dir, "train")
+    records = []
+    for qid, docs in train.qrels.items():
+        negative = next(d for d in train.corpus if d not in docs)
+        records.append({"query_id": qid, "positives": list(docs), "positive_scores": [5.0] * len(docs),
+                        "negatives": [negative], "negative_scores": [-1.5]})
+    data_dir, groups_file = _copy_with_groups(tiny_beir_dir, tmp_path, records)
+    module = _module(data_dir, groups_file=str(groups_file), num_negatives=2, batch_size=4)
+    batch = next(iter(module.train_dataloader()))
+    teacher = batch.teacher_scores
+    assert torch.equal(teacher[:, :2], torch.tensor([[5.0, -1.5]] * 4)) and torch.isnan(teacher[:, 2]).all()
+
+    bi = BiEncoderModule(model=str(tiny_model_dir), loss=MarginMSE(), distill=True, in_batch_negatives=False)
+    queries, documents = torch.randn(4, 8), torch.randn(4 * 3, 8)
+    scores, targets, mask, _ = bi._score(batch, queries, documents)
+    assert torch.equal(mask, torch.tensor([[True, True, False]] * 4)) and torch.isfinite(targets).all()
+    loss = MarginMSE()(scores, targets, mask)
+    expected = (((scores[:, 0] - scores[:, 1]) - (5.0 + 1.5)) ** 2).mean()  # one scored negative per row
+    assert torch.allclose(loss, expected)
+    bi.hparams.in_batch_negatives = True
+    with pytest.raises(ValueError, match="in_batch_negatives: false"):
+        bi._score(batch, queries, documents)
