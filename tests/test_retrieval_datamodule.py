@@ -176,14 +176,19 @@ def test_group_batch_shapes(tiny_beir_dir):
     assert [b.query_ids for b in loader] != [b.query_ids for b in batches]
 
 
-def test_teacher_scores_in_batch_when_every_document_is_scored(tiny_beir_dir, tmp_path):
+def _one_scored_negative_per_query(tiny_beir_dir, tmp_path):
+    """A copy of the tiny dataset with a groups file: each train query's positives (teacher 5.0), one negative (-1.5)."""
     train = load_dataset(tiny_beir_dir, "train")
     records = []
     for qid, docs in train.qrels.items():
         negative = next(d for d in train.corpus if d not in docs)
         records.append({"query_id": qid, "positives": list(docs), "positive_scores": [5.0] * len(docs),
                         "negatives": [negative], "negative_scores": [-1.5]})
-    data_dir, groups_file = _copy_with_groups(tiny_beir_dir, tmp_path, records)
+    return _copy_with_groups(tiny_beir_dir, tmp_path, records)
+
+
+def test_teacher_scores_in_batch_when_every_document_is_scored(tiny_beir_dir, tmp_path):
+    data_dir, groups_file = _one_scored_negative_per_query(tiny_beir_dir, tmp_path)
     module = _module(data_dir, groups_file=str(groups_file), num_negatives=1, batch_size=4)
     batch = next(iter(module.train_dataloader()))
     assert torch.equal(batch.teacher_scores, torch.tensor([[5.0, -1.5]] * 4))
@@ -218,13 +223,7 @@ def test_unscored_top_up_negatives_are_nan_and_masked_in_distillation(tiny_beir_
     from modules.bi_encoder import BiEncoderModule
     from research.losses import MarginMSE
 
-    train = load_dataset(tiny_beir_dir, "train")
-    records = []
-    for qid, docs in train.qrels.items():
-        negative = next(d for d in train.corpus if d not in docs)
-        records.append({"query_id": qid, "positives": list(docs), "positive_scores": [5.0] * len(docs),
-                        "negatives": [negative], "negative_scores": [-1.5]})
-    data_dir, groups_file = _copy_with_groups(tiny_beir_dir, tmp_path, records)
+    data_dir, groups_file = _one_scored_negative_per_query(tiny_beir_dir, tmp_path)
     module = _module(data_dir, groups_file=str(groups_file), num_negatives=2, batch_size=4)
     batch = next(iter(module.train_dataloader()))
     teacher = batch.teacher_scores
