@@ -6,13 +6,14 @@ runs in a fresh subprocess; the first ``--warmup`` steps are excluded from the t
 keep every dropout rate but draw the masks cheaply (:mod:`research.models.fast_dropout`): on this CPU the attention
 dropout's ``bernoulli_`` was 38 % of a training step.
 
-    python benchmarks/train_throughput.py --steps 20 --batch-size 32
+    python benchmarks/train_throughput.py --steps 12 --warmup 2 --batch-size 32 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from functools import partial
@@ -153,6 +154,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds over all variants (interleaved, so a disturbance hits one round); median per variant")
     args = parser.parse_args()
     import torch
 
@@ -163,17 +166,24 @@ def main() -> None:
     passthrough = ["--data", args.data, "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--threads", str(args.threads)]
     tokens = mean_tokens_per_pair(args)
+    results = {name: [] for name in VARIANTS}
+    for _ in range(args.repeats):
+        for name in VARIANTS:
+            results[name].append(run_variant(__file__, name, passthrough))
     rows = []
-    for name in VARIANTS:
-        result = run_variant(__file__, name, passthrough)
-        pairs_per_s = result["timed_steps"] * args.batch_size / result["seconds"]
-        rows.append({"variant": name, "pairs/s": pairs_per_s, "tokens/s": pairs_per_s * tokens,
-                     "s/step": result["seconds"] / result["timed_steps"], "peak RSS MiB": result["peak_rss_mb"]})
+    for name, runs in results.items():
+        seconds = [r["seconds"] / r["timed_steps"] for r in runs]
+        step = statistics.median(seconds)
+        pairs_per_s = args.batch_size / step
+        rows.append({"variant": name, "pairs/s": pairs_per_s, "tokens/s": pairs_per_s * tokens, "s/step": step,
+                     "s/step per round": " ".join(f"{s:.2f}" for s in seconds),
+                     "peak RSS MiB": max(r["peak_rss_mb"] for r in runs)})
     raw, raw_fast, ours, fast, st = (next(r for r in rows if r["variant"] == v) for v in (
         "raw", "raw-fast-dropout", "framework", "framework-fast-dropout", "sentence-transformers"))
     print(f"steps {args.steps} (timed {args.steps - args.warmup}), batch {args.batch_size}, bf16 autocast, "
           f"max length q{QUERY_LEN}/d{DOC_LEN}, {tokens:.0f} non-pad tokens per pair, threads {args.threads}")
-    print(table(rows, ["variant", "pairs/s", "tokens/s", "s/step", "peak RSS MiB"]))
+    print(f"{args.repeats} interleaved round(s); pairs/s from the median s/step")
+    print(table(rows, ["variant", "pairs/s", "tokens/s", "s/step", "s/step per round", "peak RSS MiB"]))
     print(f"framework overhead over raw loop: {100 * (raw['pairs/s'] / ours['pairs/s'] - 1):+.1f} %  (target <= 5 %)")
     print(f"framework / sentence-transformers throughput: {ours['pairs/s'] / st['pairs/s']:.2f}x  (target >= 1.2x)")
     print(f"framework-fast-dropout overhead over the raw loop with fast dropout: "

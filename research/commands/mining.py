@@ -7,27 +7,18 @@ pair lists); see :mod:`research.mining` and docs/mining.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 from pathlib import Path
 
 from research.errors import DataFormatError, ResearchError
 
-PRECISIONS = ("32-true", "bf16-mixed")
+from research.precision import PRECISIONS, inference_autocast
 
 
 def _device(name: str) -> str:
     import torch
 
     return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _autocast(precision: str, device: str):
-    import torch
-
-    if precision == "bf16-mixed":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _load_scorer(model: str, args: argparse.Namespace, device: str):
@@ -77,7 +68,7 @@ def cmd_mine(args: argparse.Namespace) -> None:
         doc_embeddings = np.load(cached)
         print(f"corpus embeddings: resumed from {cached}")
     else:
-        with _autocast(args.precision, device):
+        with inference_autocast(args.precision, device):
             doc_embeddings = encoder.encode_texts([data.corpus[d].full_text for d in doc_ids], is_query=False,
                                                   batch_size=args.batch_size).numpy()
         if cached is not None:
@@ -90,7 +81,7 @@ def cmd_mine(args: argparse.Namespace) -> None:
 
     def encode(ids: list[str]):
         def run():
-            with _autocast(args.precision, device):
+            with inference_autocast(args.precision, device):
                 return encoder.encode_texts([data.queries[q] for q in ids], is_query=True,
                                             batch_size=args.batch_size).numpy()
         return run
@@ -107,7 +98,7 @@ def cmd_mine(args: argparse.Namespace) -> None:
             flat_d = [data.corpus[d].full_text for ds in docs for d in ds]
             if not flat_q:
                 return [[] for _ in qids]
-            with _autocast(args.precision, device):
+            with inference_autocast(args.precision, device):
                 scores = scorer.score_pairs(flat_q, flat_d, args.rescore_batch_size).float().tolist()
             out, at = [], 0
             for ds in docs:
@@ -147,7 +138,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     scorer = _load_scorer(args.model, args, device)
 
     def score(qids: list[str], dids: list[str]) -> list[float]:
-        with _autocast(args.precision, device):
+        with inference_autocast(args.precision, device):
             return scorer.score_pairs([data.queries[q] for q in qids], [data.corpus[d].full_text for d in dids],
                                       args.batch_size).float().tolist()
 

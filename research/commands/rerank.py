@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 from pathlib import Path
 
 from research.commands.retrieval import print_metrics
 from research.errors import ResearchError
 
-PRECISIONS = ("32-true", "bf16-mixed")
+from research.precision import PRECISIONS, inference_autocast
 
 
 def cmd_rerank(args: argparse.Namespace) -> None:
@@ -31,9 +30,7 @@ def cmd_rerank(args: argparse.Namespace) -> None:
     first_stage = evaluate_run(candidates, data.qrels)
     scorer = load_scorer(args.model, ScorerOptions(max_length=args.max_length, trust_remote_code=args.trust_remote_code,
                                                    device=device))
-    autocast = (torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-                if args.precision == "bf16-mixed" else contextlib.nullcontext())
-    with autocast:
+    with inference_autocast(args.precision, device):
         run = rerank_run(scorer, data, candidates, top_k=args.top_k, batch_size=args.batch_size, query_ids=query_ids)
     evaluation = evaluate_run(run, data.qrels)
     save_evaluation(args.out, evaluation, tag="rerank", model=str(args.model), scorer=type(scorer).__name__,

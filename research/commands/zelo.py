@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from research.errors import ResearchError
+from research.precision import PRECISIONS, inference_autocast
 
 
 def _judge_specs(args: argparse.Namespace) -> list[dict]:
@@ -63,14 +64,15 @@ def cmd_votes(args: argparse.Namespace) -> None:
     write_json(meta_path, {
         "data": str(args.data), "split": args.split, "candidates": str(args.candidates), "top_n": args.top_n,
         "cycles": args.cycles, "all_pairs": args.all_pairs, "seed": args.seed, "queries": len(candidates),
-        "pairs": len(pairs), "judges": ensemble.describe()})
+        "pairs": len(pairs), "precision": args.precision, "judges": ensemble.describe()})
 
     def progress(done: int, total: int) -> None:
         if not args.quiet:
             print(f"\rvotes {done}/{total}", end="", file=sys.stderr, flush=True)
 
     try:
-        stats = collect_votes(data, pairs, ensemble, out, batch_size=args.batch_size, progress=progress)
+        with inference_autocast(args.precision, device):
+            stats = collect_votes(data, pairs, ensemble, out, batch_size=args.batch_size, progress=progress)
     except (JudgeError, KeyboardInterrupt) as err:
         if not args.quiet:
             print(file=sys.stderr)
@@ -151,6 +153,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="votes JSONL (appended to; existing pairs are skipped)")
     p.add_argument("--batch-size", type=int, default=32, help="pairs judged (and appended) per chunk")
     p.add_argument("--device", default="auto", help="device of model judges: cpu, cuda, ... (auto: cuda when available)")
+    p.add_argument("--precision", choices=PRECISIONS, default="32-true", help="model judges; bf16-mixed: bfloat16 autocast")
     p.add_argument("--quiet", action="store_true")
 
     p = zsub.add_parser("fit", help="fit votes into per-document scores {query_id, doc_id, elo, target}")
