@@ -109,7 +109,7 @@ def main() -> None:
         row["docs/s"] = row["docs"] / (row["encode_s"] or row["evaluator_s"])
     print(f"{args.data} test, {rows[0]['docs']} documents, max length {MAX_LENGTH}, threads {args.threads}; "
           "total = model load + data + encode + search + metrics")
-    print(table(rows, ["variant", "total_s", "encode_s", "search_metrics_s", "docs/s", "peak_rss_mb",
+    print(table(rows, ["variant", "total_s", "encode_s", "search_metrics_s", "docs/s", "peak_rss_mb", "steal_pct",
                        "nDCG@10", "RR@10", "R@100", "AP@100"]))
     st = rows[-1]
     for row in rows[:-1]:

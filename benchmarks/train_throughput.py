@@ -177,13 +177,15 @@ def main() -> None:
         pairs_per_s = args.batch_size / step
         rows.append({"variant": name, "pairs/s": pairs_per_s, "tokens/s": pairs_per_s * tokens, "s/step": step,
                      "s/step per round": " ".join(f"{s:.2f}" for s in seconds),
+                     "CPU steal % per round": " ".join("?" if r["steal_pct"] is None else f"{r['steal_pct']:.0f}" for r in runs),
                      "peak RSS MiB": max(r["peak_rss_mb"] for r in runs)})
     raw, raw_fast, ours, fast, st = (next(r for r in rows if r["variant"] == v) for v in (
         "raw", "raw-fast-dropout", "framework", "framework-fast-dropout", "sentence-transformers"))
     print(f"steps {args.steps} (timed {args.steps - args.warmup}), batch {args.batch_size}, bf16 autocast, "
           f"max length q{QUERY_LEN}/d{DOC_LEN}, {tokens:.0f} non-pad tokens per pair, threads {args.threads}")
     print(f"{args.repeats} interleaved round(s); pairs/s from the median s/step")
-    print(table(rows, ["variant", "pairs/s", "tokens/s", "s/step", "s/step per round", "peak RSS MiB"]))
+    print(table(rows, ["variant", "pairs/s", "tokens/s", "s/step", "s/step per round", "CPU steal % per round",
+                       "peak RSS MiB"]))
     print(f"framework overhead over raw loop: {100 * (raw['pairs/s'] / ours['pairs/s'] - 1):+.1f} %  (target <= 5 %)")
     print(f"framework / sentence-transformers throughput: {ours['pairs/s'] / st['pairs/s']:.2f}x  (target >= 1.2x)")
     print(f"framework-fast-dropout overhead over the raw loop with fast dropout: "
