@@ -6,6 +6,7 @@
 # of the 300 test queries:
 #   zelo  : PointwiseMSE + KLDistillation on the Thurstone logits        (experiments/zelo/student.yaml)
 #   qrels : ListwiseSoftmaxCE on the binary qrels of the same candidates (experiments/zelo/student_qrels.yaml)
+# Votes go in one chunk (--batch-size 200000), so the bi-encoder judge encodes each distinct document once.
 # Usage: RESEARCH_DATA_DIR=../shared/data bash experiments/zelo/scifact.sh [OUT_DIR]   (every step resumable/re-runnable)
 set -euo pipefail
 R=${1:-runs/zelo_scifact_full}
@@ -13,7 +14,7 @@ B=${RESEARCH:-research}
 export WANDB_MODE=${WANDB_MODE:-offline} TOKENIZERS_PARALLELISM=false
 mkdir -p "$R"
 $B zelo votes --data scifact --split train --candidates bm25 --top-n 20 --all-pairs \
-    --judges experiments/zelo/judges_scifact.yaml --out "$R/votes.jsonl" --precision bf16-mixed --batch-size 20000 --quiet
+    --judges experiments/zelo/judges_scifact.yaml --out "$R/votes.jsonl" --precision bf16-mixed --batch-size 200000 --quiet
 $B zelo fit --votes "$R/votes.jsonl" --out "$R/scores.jsonl" --groups "$R/groups.jsonl"
 $B zelo qrels-groups --data scifact --split train --top-n 20 --out "$R/qrels_groups.jsonl"
 STUDENT=(--model.init_args.model runs/cross_encoder/v3/model --model.init_args.lr 2.0e-5 --model.init_args.fast_dropout true
