@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 from research.errors import DataFormatError, ResearchError
-
 from research.precision import PRECISIONS, inference_autocast
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from research.commands.retrieval import print_metrics
 from research.errors import ResearchError
-
 from research.precision import PRECISIONS, inference_autocast
 
 
