@@ -51,6 +51,35 @@ class EpochShuffleSampler(Sampler[tuple[int, int]]):
         return self.size // self.world_size
 
 
+class LengthBucketSampler(EpochShuffleSampler):
+    """:class:`EpochShuffleSampler` whose consecutive ``batch_size`` items have similar lengths (less padding).
+
+    Each rank's shuffled order is cut into windows of ``batch_size * batches_per_bucket`` items; each window is sorted
+    by ``lengths`` and cut into batches; the full batches of the epoch are shuffled (seeded by epoch) and a last
+    incomplete one stays last, so that ``drop_last`` drops it. A function of ``(seed, epoch)`` like its parent, so
+    resuming and other rank counts see the same batches. With in-batch negatives this changes which documents share
+    a batch (similar lengths), which is why it is an option.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, batches_per_bucket: int = 50,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if batch_size < 1 or batches_per_bucket < 1:
+            raise ValueError(f"batch_size and batches_per_bucket must be >= 1, got {batch_size}, {batches_per_bucket}")
+        super().__init__(len(lengths), seed, True, rank, world_size)
+        self.lengths, self.batch_size, self.batches_per_bucket = lengths, batch_size, batches_per_bucket
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = [index for _, index in super().__iter__()]
+        window = self.batch_size * self.batches_per_bucket
+        batches = []
+        for start in range(0, len(order), window):
+            bucket = sorted(order[start:start + window], key=lambda i: self.lengths[i], reverse=True)
+            batches += [bucket[s:s + self.batch_size] for s in range(0, len(bucket), self.batch_size)]
+        last = [batches.pop()] if batches and len(batches[-1]) < self.batch_size else []
+        random.Random(stable_seed(self.seed, self.epoch, "buckets")).shuffle(batches)
+        return iter([(self.epoch, i) for batch in batches + last for i in batch])
+
+
 class GroupDataset(Dataset):
     """One item per (query, positive) pair, with ``num_negatives`` negatives drawn per epoch."""
 
@@ -68,6 +97,11 @@ class GroupDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def lengths(self) -> list[int]:
+        """Characters of each item's query and positive (the length that length bucketing sorts by)."""
+        corpus, queries = self.data.corpus, self.data.queries
+        return [len(queries[qid]) + len(corpus[pos].full_text) for qid, pos in self.items]
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[str, list[str]]:
         epoch, index = key
@@ -131,6 +165,9 @@ class RetrievalDataModule(L.LightningDataModule):
         eval_split: qrels split that ``validate``/``test`` evaluate on.
         groups_file: JSONL of mined groups (see :mod:`datamodules.groups`); its negatives become hard negatives.
         num_negatives: hard negatives per query (topped up with random documents when a group has fewer).
+        length_bucketing: batch items of similar length (query + positive, in characters) together, from windows of
+            ``batches_per_bucket`` batches (:class:`LengthBucketSampler`); less padding, but in-batch negatives of
+            similar length. Off: a plain seeded shuffle.
     """
 
     def __init__(
@@ -145,6 +182,8 @@ class RetrievalDataModule(L.LightningDataModule):
         relevance_level: int = 1,
         seed: int = 0,
         num_workers: int = 0,
+        length_bucketing: bool = False,
+        batches_per_bucket: int = 50,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -175,10 +214,14 @@ class RetrievalDataModule(L.LightningDataModule):
         assert self._train_set is not None, "setup('fit') has not run, or train_split is None"
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = EpochShuffleSampler(len(self._train_set), self.hparams.seed, True, rank, world)
+        hp = self.hparams
+        if hp.length_bucketing:
+            sampler = LengthBucketSampler(self._train_set.lengths(), hp.batch_size, hp.seed, hp.batches_per_bucket, rank, world)
+        else:
+            sampler = EpochShuffleSampler(len(self._train_set), hp.seed, True, rank, world)
         return ResumableDataLoader(  # its position within the epoch survives a checkpoint (research.reliability)
-            self._train_set, batch_size=self.hparams.batch_size, sampler=sampler, drop_last=True,
-            collate_fn=self._train_set.collate, num_workers=self.hparams.num_workers,
+            self._train_set, batch_size=hp.batch_size, sampler=sampler, drop_last=True,
+            collate_fn=self._train_set.collate, num_workers=hp.num_workers,
         )
 
     def _eval_dataloader(self) -> DataLoader:

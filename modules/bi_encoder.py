@@ -21,6 +21,7 @@ from research.evaluation import DEFAULT_METRICS, Evaluation, dense_search, evalu
 from research.gradcache import GradCache
 from research.losses import InfoNCE, RankingLoss
 from research.models.bi_encoder import BiEncoder
+from research.models.compile import compile_in_place
 from research.models.fast_dropout import use_fast_dropout
 
 
@@ -50,6 +51,8 @@ class BiEncoderModule(L.LightningModule):
             ``activation_checkpointing_enable``, non-reentrant): recompute layer activations in backward.
         fast_dropout: CPU training speed: cheaper dropout masks, same dropout rates
             (:func:`research.models.fast_dropout.use_fast_dropout`; evaluation outputs are unchanged).
+        torch_compile: ``torch.compile`` each tower in place (dynamic shapes), after sharding if any. Off by default:
+            on a 2-core CPU it measured slower (benchmarks/train_throughput.py, variant ``framework-compile``).
 
     Gradient accumulation (``Trainer(accumulate_grad_batches=k)``) is NOT a larger contrastive batch: each micro-batch
     still sees only its own in-batch negatives, so the loss is the average of k small-batch losses. To train with the
@@ -82,6 +85,7 @@ class BiEncoderModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         cache_corpus_embeddings: bool = True,
         fast_dropout: bool = False,
+        torch_compile: bool = False,
     ) -> None:
         super().__init__()
         if gradcache_chunk_size is not None and gradcache_chunk_size < 1:
@@ -286,9 +290,15 @@ class BiEncoderModule(L.LightningModule):
     # ------------------------------------------------------------------ sharding (ModelParallelStrategy: fully_shard)
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy`` (e.g. ``research.strategies.FullyShardStrategy``): FSDP2 ``fully_shard``
-        each transformer block (the backbone's ``_no_split_modules``) and then each tower, over the data-parallel mesh."""
-        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
-            return
+        each transformer block (the backbone's ``_no_split_modules``) and then each tower, over the data-parallel mesh.
+        Then, with ``torch_compile``, compile each tower."""
+        if self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
+            self._shard_towers()
+        if self.hparams.torch_compile:
+            for tower in self.towers():
+                compile_in_place(tower)
+
+    def _shard_towers(self) -> None:
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
         mesh = self.device_mesh

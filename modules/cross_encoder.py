@@ -10,6 +10,7 @@ from transformers import get_linear_schedule_with_warmup
 from datamodules.reranking import PairBatch, PairGroupBatch
 from research.evaluation import DEFAULT_METRICS, Evaluation, evaluate_run
 from research.losses import ListwiseSoftmaxCE, RankingLoss
+from research.models.compile import compile_in_place
 from research.models.cross_encoder import CrossEncoder
 from research.models.fast_dropout import use_fast_dropout
 from research.rerank import CandidatePair, pairs_to_run
@@ -28,6 +29,7 @@ class CrossEncoderModule(L.LightningModule):
         max_length, query_max_length: override the saved pair / query token limits.
         fast_dropout: CPU training speed: cheaper dropout masks, same dropout rates
             (:func:`research.models.fast_dropout.use_fast_dropout`; evaluation outputs are unchanged).
+        torch_compile: ``torch.compile`` the backbone in place (dynamic shapes); off by default (slower on a 2-core CPU).
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class CrossEncoderModule(L.LightningModule):
         metrics: tuple[str, ...] = DEFAULT_METRICS,
         trust_remote_code: bool = False,
         fast_dropout: bool = False,
+        torch_compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss"])
@@ -53,6 +56,10 @@ class CrossEncoderModule(L.LightningModule):
         self.loss = loss if loss is not None else ListwiseSoftmaxCE()
         self._scored: list[tuple[list[str], list[str], Tensor]] = []
         self.last_evaluation: Evaluation | None = None
+
+    def configure_model(self) -> None:
+        if self.hparams.torch_compile:
+            compile_in_place(self.cross_encoder.model)
 
     def score_batch(self, batch: PairGroupBatch) -> Tensor:
         """Scores ``[Q, G]`` of the batch's groups, 0 at masked (padding) positions; only real pairs are scored."""

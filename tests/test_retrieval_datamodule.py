@@ -11,7 +11,9 @@ from helpers import write_jsonl
 from datamodules.batches import EncodeBatch, GroupBatch
 from datamodules.beir import load_dataset
 from datamodules.groups import groups_from_qrels, read_groups
-from datamodules.retrieval import EncodeDataset, EpochShuffleSampler, GroupDataset, RetrievalDataModule
+from datamodules.retrieval import (
+    EncodeDataset, EpochShuffleSampler, GroupDataset, LengthBucketSampler, RetrievalDataModule,
+)
 from research.errors import DataFormatError, ResearchError
 
 
@@ -149,6 +151,64 @@ def test_epoch_sampler_shards_disjointly_across_two_ranks(size):
     single.set_epoch(4)
     whole = [i for _, i in single]
     assert shards[0] + shards[1] == whole[: 2 * (size // 2)]  # the same global order, split between ranks
+
+
+def _bucketed(lengths, batch_size, epoch, **kw):
+    sampler = LengthBucketSampler(lengths, batch_size, seed=3, **kw)
+    sampler.set_epoch(epoch)
+    items = list(sampler)
+    assert all(e == epoch for e, _ in items)
+    return [i for _, i in items]
+
+
+@pytest.mark.parametrize("size", [100, 103])
+def test_length_bucket_sampler_is_a_shuffled_permutation_of_sorted_windows(size):
+    lengths = [(i * 37) % 91 for i in range(size)]
+    batch, per_bucket = 4, 5
+    order = _bucketed(lengths, batch, 0, batches_per_bucket=per_bucket)
+    assert sorted(order) == list(range(size))
+    assert order == _bucketed(lengths, batch, 0, batches_per_bucket=per_bucket)
+    assert order != _bucketed(lengths, batch, 1, batches_per_bucket=per_bucket)
+    # windows as the plain shuffle cuts them; every full batch is a run of one window sorted by length
+    shuffled = EpochShuffleSampler(size, seed=3)
+    plain = [i for _, i in shuffled]
+    windows = [plain[s:s + batch * per_bucket] for s in range(0, size, batch * per_bucket)]
+    runs = {tuple(sorted(w, key=lambda i: lengths[i], reverse=True)[s:s + batch])
+            for w in windows for s in range(0, len(w), batch)}
+    batches = [tuple(order[s:s + batch]) for s in range(0, size, batch)]
+    assert set(batches) == runs
+    if size % batch:  # the one incomplete batch comes last, so that drop_last drops it
+        assert len(batches[-1]) == size % batch and all(len(b) == batch for b in batches[:-1])
+    # less padding: the sum over batches of the longest item, against the plain shuffle's
+    padded = lambda o: sum(max(lengths[i] for i in o[s:s + batch]) for s in range(0, size - size % batch, batch))  # noqa: E731
+    assert padded(order) < 0.8 * padded(plain)
+    assert batches != sorted(batches, key=lambda b: -lengths[b[0]])  # batches shuffled, not longest first
+
+
+def test_length_bucket_sampler_shards_disjointly_and_rejects_bad_sizes():
+    lengths = list(range(40))
+    shards = [LengthBucketSampler(lengths, 4, seed=0, rank=r, world_size=2) for r in range(2)]
+    items = [{i for _, i in s} for s in shards]
+    assert len(items[0]) == len(items[1]) == 20 and not items[0] & items[1]
+    with pytest.raises(ValueError, match="batch_size"):
+        LengthBucketSampler(lengths, 0, seed=0)
+
+
+def test_datamodule_length_bucketing_batches_similar_lengths(tiny_beir_dir):
+    plain = _module(tiny_beir_dir, batch_size=4, seed=0)
+    bucketed = _module(tiny_beir_dir, batch_size=4, seed=0, length_bucketing=True, batches_per_bucket=12)
+    assert isinstance(bucketed.train_dataloader().sampler, LengthBucketSampler)
+    lengths = bucketed._train_set.lengths()
+    assert lengths[0] == len(bucketed.train_data.queries[bucketed._train_set.items[0][0]]) + len(
+        bucketed.train_data.corpus[bucketed._train_set.items[0][1]].full_text)
+
+    def spread(module):
+        batches = list(module.train_dataloader())
+        assert len(batches) == 48 // 4
+        sizes = [[len(q) + len(docs[0]) for q, docs in zip(b.queries, b.documents)] for b in batches]
+        return sum(max(s) - min(s) for s in sizes)
+
+    assert spread(bucketed) < spread(plain)
 
 
 # ------------------------------------------------------------------ batches
