@@ -52,7 +52,7 @@ class BiEncoderModule(L.LightningModule):
         fast_dropout: CPU training speed: cheaper dropout masks, same dropout rates
             (:func:`research.models.fast_dropout.use_fast_dropout`; evaluation outputs are unchanged).
         torch_compile: ``torch.compile`` each tower in place (dynamic shapes), after sharding if any. Off by default:
-            on a 2-core CPU it measured slower (benchmarks/train_throughput.py, variant ``framework-compile``).
+            on a 2-core CPU it measured 0.94x after a 74 s first step (``benchmarks/train_throughput.py``, docs/speed.md).
 
     Gradient accumulation (``Trainer(accumulate_grad_batches=k)``) is NOT a larger contrastive batch: each micro-batch
     still sees only its own in-batch negatives, so the loss is the average of k small-batch losses. To train with the
