@@ -92,18 +92,17 @@ def bench_framework(args, fast_dropout: bool = False, length_bucketing: bool = F
 
     class StepTimer(L.Callback):
         start = end = first_step = None
-        tokens = padded = 0
+
+        def __init__(self) -> None:
+            self.timed_batches = []
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             if trainer.global_step == args.warmup and self.start is None:
                 self.start = time.perf_counter()
             if trainer.global_step == 0:
                 self.first_step = time.perf_counter()
-            if trainer.global_step >= args.warmup:  # non-pad and padded tokens of the timed batches
-                for texts, is_query in ((batch.queries, True), ([d for g in batch.documents for d in g], False)):
-                    mask = module.encoder.tokenize(texts, is_query)["attention_mask"]
-                    self.tokens += int(mask.sum())
-                    self.padded += mask.numel()
+            if trainer.global_step >= args.warmup:  # their tokens are counted after the timing
+                self.timed_batches.append(batch)
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             if trainer.global_step == 1:
@@ -121,9 +120,14 @@ def bench_framework(args, fast_dropout: bool = False, length_bucketing: bool = F
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False, callbacks=[timer], limit_val_batches=0)
     trainer.fit(module, datamodule=data)
+    tokens = padded = 0  # non-pad and padded tokens of the timed batches
+    for batch in timer.timed_batches:
+        for texts, is_query in ((batch.queries, True), ([d for g in batch.documents for d in g], False)):
+            mask = module.encoder.tokenize(texts, is_query)["attention_mask"]
+            tokens, padded = tokens + int(mask.sum()), padded + mask.numel()
     timed_pairs = (args.steps - args.warmup) * args.batch_size
     return {"seconds": timer.end - timer.start, "timed_steps": args.steps - args.warmup, "first_step_s": timer.first_step,
-            "tokens_per_pair": timer.tokens / timed_pairs, "padded_tokens_per_pair": timer.padded / timed_pairs}
+            "tokens_per_pair": tokens / timed_pairs, "padded_tokens_per_pair": padded / timed_pairs}
 
 
 def bench_tokenize(args) -> dict:
