@@ -54,10 +54,12 @@ def bench_framework(args, precision: str) -> dict:
 
 def bench_sentence_transformers(args) -> dict:
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+    from sentence_transformers.sentence_transformer.evaluation import (
+        InformationRetrievalEvaluator,
+    )
 
-    from datamodules.beir import load_dataset
-    from research.pretrained import resolve_model
+    from research.data.beir import load_dataset
+    from research.models.pretrained import resolve_model
 
     started = time.perf_counter()
     model = SentenceTransformer(str(resolve_model(MODEL)), device="cpu")

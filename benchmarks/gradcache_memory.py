@@ -3,7 +3,7 @@
 One BiEncoderModule step (all-MiniLM-L6-v2, InfoNCE with in-batch negatives, AdamW) at 256 queries + 256 documents
 (query max length 64, document max length 128, every document at full length), either the plain loss (one forward
 and backward over the whole batch) or GradCache with chunks of 32 texts (BiEncoderModule's own code path: the
-module's chunk encoder and loss inside research.gradcache.GradCache). Each variant runs in a fresh subprocess, so
+module's chunk encoder and loss inside research.training.gradcache.GradCache). Each variant runs in a fresh subprocess, so
 its peak resident set size (ru_maxrss) is its own: a warm-up step on 8 queries first creates AdamW's state, then
 the baseline RSS is read and the measured step runs. "step extra" = peak - baseline, the memory the step needed on
 top of model, optimizer state and inputs.
@@ -39,9 +39,9 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from datamodules.batches import GroupBatch
     from modules.bi_encoder import BiEncoderModule
-    from research.gradcache import GradCache
+    from research.data.batches import GroupBatch
+    from research.training.gradcache import GradCache
 
     module = BiEncoderModule(model=args.model, query_max_length=args.query_length, document_max_length=args.doc_length).train()
     optimizer = torch.optim.AdamW(module.parameters(), lr=2e-5)

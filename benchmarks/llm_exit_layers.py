@@ -39,8 +39,8 @@ def autocast(precision: str, device: str):
 
 def evaluate_layers(reranker, data, pairs, layers, batch_size, precision, device):
     """nDCG@10 per layer of one scoring pass over ``pairs`` (every layer read in the same pass), and the scores."""
-    from research.evaluation import evaluate_run
-    from research.rerank import pairs_to_run
+    from research.eval.evaluation import evaluate_run
+    from research.retrieval.rerank import pairs_to_run
 
     started = time.perf_counter()
     with autocast(precision, device):
@@ -109,13 +109,13 @@ def main() -> None:
     import lightning as L
     import transformers
 
-    from datamodules.beir import load_dataset
     from datamodules.reranking import CandidateGroupsDataModule
     from modules.llm_reranker import LLMRerankerModule
-    from research.bm25 import bm25_search
-    from research.evaluation import evaluate_run
+    from research.data.beir import load_dataset
+    from research.eval.evaluation import evaluate_run
     from research.models.llm_reranker import LayerwiseLLMReranker, preferred_dtype
-    from research.rerank import candidate_pairs
+    from research.retrieval.bm25 import bm25_search
+    from research.retrieval.rerank import candidate_pairs
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -190,7 +190,7 @@ def main() -> None:
     lines.append(f"{'BM25':>10} {'':>12} {bm25_ndcg:>17.4f} {bm25_ndcg:>15.4f}")
     table = "\n".join(lines)
     print(table)
-    print(f"max |early exit - one-pass score| per layer: " + " ".join(f"L{l} {d:.1e}" for l, d in differences.items()))
+    print("max |early exit - one-pass score| per layer: " + " ".join(f"L{l} {d:.1e}" for l, d in differences.items()))
     print(f"total {time.perf_counter() - started:.0f} s; results in {out}")
     (out / "table.txt").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps({

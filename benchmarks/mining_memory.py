@@ -2,7 +2,7 @@
 
 Each setting runs in a fresh subprocess (so peak RSS is its own): build an exact ``faiss.IndexFlatIP`` over a
 random float32 corpus (default 1,000,000 x 384, added in blocks), then mine every query in query batches through
-:func:`research.mining.mine` (the code path of ``research mine``), writing the groups JSONL. Memory should be the
+:func:`research.retrieval.mining.mine` (the code path of ``research mine``), writing the groups JSONL. Memory should be the
 index plus one batch whatever the number of queries; a full query x corpus score matrix would need
 ``queries x docs x 4`` bytes (shown for comparison).
 
@@ -38,7 +38,7 @@ def worker(args: argparse.Namespace) -> dict:
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
-    from research.mining import DenseIndex, MiningConfig, mine
+    from research.retrieval.mining import DenseIndex, MiningConfig, mine
 
     try:
         import faiss

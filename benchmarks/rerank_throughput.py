@@ -23,8 +23,8 @@ MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def pairs(args) -> tuple[list[str], list[str]]:
-    from datamodules.beir import load_dataset
-    from research.bm25 import bm25_search
+    from research.data.beir import load_dataset
+    from research.retrieval.bm25 import bm25_search
 
     data = load_dataset(args.data, "test")
     query_ids = list(data.judged_queries)[:args.queries]

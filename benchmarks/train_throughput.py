@@ -36,9 +36,9 @@ QUERY_LEN, DOC_LEN, SCALE, LR = 64, 256, 20.0, 2e-5
 
 def training_pairs(data: str, n: int, seed: int, split: str = "train") -> list[tuple[str, str]]:
     """The first ``n`` (query, positive) pairs in the order the framework's sampler yields them (epoch 0)."""
-    from datamodules.beir import load_dataset
-    from datamodules.groups import groups_from_qrels
     from datamodules.retrieval import EpochShuffleSampler, GroupDataset
+    from research.data.beir import load_dataset
+    from research.data.groups import groups_from_qrels
 
     dataset = load_dataset(data, split)
     groups = GroupDataset(dataset, groups_from_qrels(dataset.qrels), num_negatives=0, seed=seed)
@@ -52,7 +52,7 @@ def bench_raw(args, fast_dropout: bool = False) -> dict:
     from transformers import AutoTokenizer
 
     from research.models.bi_encoder import load_backbone
-    from research.pretrained import resolve_model
+    from research.models.pretrained import resolve_model
 
     path = resolve_model(MODEL)
     model, tokenizer = load_backbone(path), AutoTokenizer.from_pretrained(path)
@@ -133,7 +133,7 @@ def bench_framework(args, fast_dropout: bool = False, length_bucketing: bool = F
 def bench_tokenize(args) -> dict:
     """Seconds per step spent tokenising a batch's queries and documents: the first time, then from the cache."""
     from research.models.bi_encoder import BiEncoder
-    from research.pretrained import resolve_model
+    from research.models.pretrained import resolve_model
 
     encoder = BiEncoder.from_pretrained(resolve_model(MODEL), query_max_length=QUERY_LEN, document_max_length=DOC_LEN)
     pairs = training_pairs(args.data, args.steps * args.batch_size, args.seed, args.split)
@@ -154,11 +154,17 @@ def bench_sentence_transformers(args) -> dict:
     import tempfile
 
     from datasets import Dataset
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from sentence_transformers.sentence_transformer.losses import (
+        MultipleNegativesRankingLoss,
+    )
     from transformers import TrainerCallback
 
-    from research.pretrained import resolve_model
+    from research.models.pretrained import resolve_model
 
     class StepTimer(TrainerCallback):
         start = end = None
@@ -270,7 +276,7 @@ def main() -> None:
 def mean_tokens_per_pair(args) -> float:
     from transformers import AutoTokenizer
 
-    from research.pretrained import resolve_model
+    from research.models.pretrained import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(MODEL))
     pairs = training_pairs(args.data, args.steps * args.batch_size, args.seed, args.split)

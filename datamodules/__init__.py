@@ -1,7 +1,11 @@
 """LightningDataModules and the data formats they read."""
 
 from datamodules.reranking import (
-    CandidateGroupsDataModule, ListwiseDataModule, PairwiseDataModule, PointwiseDataModule, RerankingDataModule,
+    CandidateGroupsDataModule,
+    ListwiseDataModule,
+    PairwiseDataModule,
+    PointwiseDataModule,
+    RerankingDataModule,
 )
 from datamodules.retrieval import RetrievalDataModule
 

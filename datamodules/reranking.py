@@ -1,6 +1,6 @@
 """DataModules for re-rankers: listwise, pairwise and pointwise training data, and re-ranking evaluation.
 
-Training (each DataModule one source; the JSONL schemas are in :mod:`datamodules.formats`):
+Training (each DataModule one source; the JSONL schemas are in :mod:`research.data.formats`):
 
 - :class:`ListwiseDataModule`: groups ``(query, documents, labels or teacher scores)``; batch ``[Q, G]``, G the
   largest group in the batch (at most ``group_size``), shorter groups masked.
@@ -25,52 +25,26 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.beir import RetrievalDataset, load_dataset
-from datamodules.formats import read_listwise_groups, read_preferences, read_scored_pairs
-from datamodules.retrieval import EpochShuffleSampler, stable_seed
+from datamodules.loader import ResumableDataLoader
+from datamodules.retrieval import EpochShuffleSampler
+from research.data.batches import PairBatch, PairGroupBatch
+from research.data.beir import RetrievalDataset, load_dataset
+from research.data.formats import (
+    read_listwise_groups,
+    read_preferences,
+    read_scored_pairs,
+)
+from research.data.trec import Run, ranking
 from research.errors import ResearchError
-from research.reliability import ResumableDataLoader
-from research.rerank import BM25, CandidatePair, candidate_pairs, candidate_run
-from research.trec import Run, ranking
-
-
-@dataclass
-class PairGroupBatch:
-    """Queries, each with a group of documents and a target per document (label, teacher score or preference).
-
-    ``doc_ids[i]`` / ``documents[i]`` have ``mask[i].sum()`` entries; ``targets`` and ``mask`` are ``[Q, G]``,
-    padded with 0 / False beyond each group's end.
-    """
-
-    query_ids: list[str]
-    queries: list[str]
-    doc_ids: list[list[str]]
-    documents: list[list[str]]
-    targets: Tensor
-    mask: Tensor
-
-    def __len__(self) -> int:
-        return len(self.queries)
-
-    @property
-    def group_size(self) -> int:
-        return int(self.targets.shape[1])
-
-
-@dataclass
-class PairBatch:
-    """(query, document) pairs to score in evaluation, with their ids."""
-
-    query_ids: list[str]
-    doc_ids: list[str]
-    queries: list[str]
-    documents: list[str]
-
-    def __len__(self) -> int:
-        return len(self.queries)
+from research.retrieval.rerank import (
+    BM25,
+    CandidatePair,
+    candidate_pairs,
+    candidate_run,
+)
+from research.seeds import stable_seed
 
 
 @dataclass(frozen=True)

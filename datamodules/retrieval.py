@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-
 import random
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,16 +11,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from datamodules.batches import EncodeBatch, GroupBatch
-from datamodules.beir import RetrievalDataset, load_dataset
-from datamodules.groups import TrainingGroup, groups_from_qrels, read_groups
+from datamodules.loader import ResumableDataLoader
+from research.data.batches import EncodeBatch, GroupBatch
+from research.data.beir import RetrievalDataset, load_dataset
+from research.data.groups import TrainingGroup, groups_from_qrels, read_groups
 from research.errors import ResearchError
-from research.reliability import ResumableDataLoader
-
-
-def stable_seed(*parts: object) -> int:
-    """A seed from values, the same in every process (unlike ``hash``)."""
-    return zlib.crc32(repr(parts).encode())
+from research.seeds import stable_seed
 
 
 class EpochShuffleSampler(Sampler[tuple[int, int]]):
@@ -163,7 +157,7 @@ class RetrievalDataModule(L.LightningDataModule):
         data: dataset folder, or a name under ``$RESEARCH_DATA_DIR``.
         train_split: qrels split to train on (``None``: evaluation only).
         eval_split: qrels split that ``validate``/``test`` evaluate on.
-        groups_file: JSONL of mined groups (see :mod:`datamodules.groups`); its negatives become hard negatives.
+        groups_file: JSONL of mined groups (see :mod:`research.data.groups`); its negatives become hard negatives.
         num_negatives: hard negatives per query (topped up with random documents when a group has fewer).
         length_bucketing: batch items of similar length (query + positive, in characters) together, from windows of
             ``batches_per_bucket`` batches (:class:`LengthBucketSampler`); less padding, but in-batch negatives of
@@ -219,7 +213,7 @@ class RetrievalDataModule(L.LightningDataModule):
             sampler = LengthBucketSampler(self._train_set.lengths(), hp.batch_size, hp.seed, hp.batches_per_bucket, rank, world)
         else:
             sampler = EpochShuffleSampler(len(self._train_set), hp.seed, True, rank, world)
-        return ResumableDataLoader(  # its position within the epoch survives a checkpoint (research.reliability)
+        return ResumableDataLoader(  # its position within the epoch survives a checkpoint (datamodules.loader)
             self._train_set, batch_size=hp.batch_size, sampler=sampler, drop_last=True,
             collate_fn=self._train_set.collate, num_workers=hp.num_workers,
         )

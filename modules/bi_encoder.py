@@ -10,19 +10,35 @@ from functools import partial
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, ParallelStrategy
+from lightning.pytorch.strategies import (
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    ParallelStrategy,
+)
 from torch import Tensor, nn
 from transformers import get_linear_schedule_with_warmup
 
-from datamodules.batches import EncodeBatch, GroupBatch
-from research.distributed import all_gather_rows, gather_group_batch, id_hashes, is_distributed, world_size
-from research.embedding_cache import EmbeddingCache, fingerprint
-from research.evaluation import DEFAULT_METRICS, Evaluation, dense_search, evaluate_run
-from research.gradcache import GradCache
+from research.data.batches import EncodeBatch, GroupBatch
+from research.eval.evaluation import (
+    DEFAULT_METRICS,
+    Evaluation,
+    dense_search,
+    evaluate_run,
+)
 from research.losses import InfoNCE, RankingLoss
 from research.models.bi_encoder import BiEncoder
 from research.models.compile import compile_in_place
 from research.models.fast_dropout import use_fast_dropout
+from research.training.distributed import (
+    all_gather_rows,
+    gather_group_batch,
+    id_hashes,
+    is_distributed,
+    world_size,
+)
+from research.training.embedding_cache import EmbeddingCache, fingerprint
+from research.training.gradcache import GradCache
 
 
 class BiEncoderModule(L.LightningModule):
@@ -36,16 +52,16 @@ class BiEncoderModule(L.LightningModule):
         distill: use the batch's teacher scores as targets (MarginMSE, KL), instead of labels.
         pooling, normalize, prefixes, max lengths, shared_towers: override what the model directory says.
         gather_across_devices: with in-batch negatives under a multi-process strategy, score each rank's queries
-            against the documents of ALL ranks (gathered with gradient, :mod:`research.distributed`), so the loss and
+            against the documents of ALL ranks (gathered with gradient, :mod:`research.training.distributed`), so the loss and
             gradients equal one process on the concatenated global batch. Off: each rank sees only its own documents.
             No effect without in-batch negatives (each query's own group is already complete on its rank).
-        gradcache_chunk_size: train with GradCache (:mod:`research.gradcache`): embed the batch in chunks of this many
+        gradcache_chunk_size: train with GradCache (:mod:`research.training.gradcache`): embed the batch in chunks of this many
             texts without a graph, take the loss gradient w.r.t. the embeddings, then re-embed and backpropagate chunk
             by chunk. Same gradients as full-batch backprop, activation memory of one chunk. Switches the module to
             manual optimisation (it steps optimizer and LR scheduler itself, clips with ``Trainer(gradient_clip_val)``);
             ``accumulate_grad_batches`` must stay 1. Supported on one device, ``ddp`` and fully_shard
             (``ModelParallelStrategy``); refused under DeepSpeed and Lightning's ``fsdp`` (not verified there).
-        cache_corpus_embeddings: reuse corpus embeddings from :mod:`research.embedding_cache` when the weights,
+        cache_corpus_embeddings: reuse corpus embeddings from :mod:`research.training.embedding_cache` when the weights,
             settings, precision and corpus are unchanged (evaluation only; the key hashes every parameter).
         gradient_checkpointing: activation checkpointing in the backbone(s) (transformers'
             ``activation_checkpointing_enable``, non-reentrant): recompute layer activations in backward.
@@ -289,7 +305,7 @@ class BiEncoderModule(L.LightningModule):
 
     # ------------------------------------------------------------------ sharding (ModelParallelStrategy: fully_shard)
     def configure_model(self) -> None:
-        """Under ``ModelParallelStrategy`` (e.g. ``research.strategies.FullyShardStrategy``): FSDP2 ``fully_shard``
+        """Under ``ModelParallelStrategy`` (e.g. ``research.training.strategies.FullyShardStrategy``): FSDP2 ``fully_shard``
         each transformer block (the backbone's ``_no_split_modules``) and then each tower, over the data-parallel mesh.
         Then, with ``torch_compile``, compile each tower."""
         if self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
@@ -304,7 +320,7 @@ class BiEncoderModule(L.LightningModule):
         mesh = self.device_mesh
         if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() != 1:
             raise ValueError("BiEncoderModule shards over data parallelism only: use tensor_parallel_size=1 "
-                             "(research.strategies.FullyShardStrategy)")
+                             "(research.training.strategies.FullyShardStrategy)")
         data_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
         for tower in self.towers():
             if isinstance(tower, FSDPModule):  # configure_model runs again on a second fit/test
@@ -396,7 +412,10 @@ class BiEncoderModule(L.LightningModule):
         rank 0 alone can ``save_pretrained`` afterwards (the CLI saves on rank 0 only)."""
         if not isinstance(self.trainer.strategy, ModelParallelStrategy) or not is_distributed():
             return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors on rank 0 only
         self._full_state = {name: get_model_state_dict(getattr(self.encoder, name), options=options)

@@ -7,13 +7,13 @@ import torch
 from torch import Tensor
 from transformers import get_linear_schedule_with_warmup
 
-from datamodules.reranking import PairBatch, PairGroupBatch
-from research.evaluation import DEFAULT_METRICS, Evaluation, evaluate_run
+from research.data.batches import PairBatch, PairGroupBatch
+from research.eval.evaluation import DEFAULT_METRICS, Evaluation, evaluate_run
 from research.losses import ListwiseSoftmaxCE, RankingLoss
 from research.models.compile import compile_in_place
 from research.models.cross_encoder import CrossEncoder
 from research.models.fast_dropout import use_fast_dropout
-from research.rerank import CandidatePair, pairs_to_run
+from research.retrieval.rerank import CandidatePair, pairs_to_run
 
 
 class CrossEncoderModule(L.LightningModule):

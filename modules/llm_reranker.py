@@ -8,11 +8,15 @@ import torch
 from torch import Tensor
 from transformers import get_linear_schedule_with_warmup
 
-from datamodules.reranking import PairBatch, PairGroupBatch
-from research.evaluation import DEFAULT_METRICS, Evaluation, evaluate_run
+from research.data.batches import PairBatch, PairGroupBatch
+from research.eval.evaluation import DEFAULT_METRICS, Evaluation, evaluate_run
 from research.losses import KLDistillation, ListwiseSoftmaxCE, RankingLoss
-from research.models.llm_reranker import LayerwiseLLMReranker, LoraSettings, LORA_TARGETS
-from research.rerank import CandidatePair, pairs_to_run
+from research.models.llm_reranker import (
+    LORA_TARGETS,
+    LayerwiseLLMReranker,
+    LoraSettings,
+)
+from research.retrieval.rerank import CandidatePair, pairs_to_run
 
 
 class LLMRerankerModule(L.LightningModule):

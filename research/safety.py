@@ -23,7 +23,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-
 REDACTED = "***"
 
 # name parts (split on _ - . and camelCase) that make a key secret

@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 from helpers import write_jsonl, write_qrels
 
-from datamodules.beir import Document, data_root, download_beir, load_corpus, load_dataset, load_queries, resolve_dataset
+from research.data.beir import (
+    Document,
+    data_root,
+    download_beir,
+    load_corpus,
+    load_dataset,
+    load_queries,
+    resolve_dataset,
+)
 from research.errors import DataFormatError, ResearchError
 
 CORPUS = [

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_bert, tiny_tokenizer
 
-from datamodules.batches import GroupBatch
 from datamodules.retrieval import RetrievalDataModule
+from research.data.batches import GroupBatch
+from research.eval.metrics import compute_metrics
 from research.losses import InfoNCE
-from research.metrics import compute_metrics
 from research.models.bi_encoder import CONFIG_NAME, BiEncoder, BiEncoderConfig
 from research.models.pooling import LastTokenPooling, pooling_from_name
 

@@ -19,13 +19,13 @@ import pytest
 import torch
 import yaml
 
-from datamodules.beir import Document, RetrievalDataset, load_dataset
-from research.bm25 import BM25Config, bm25_search
-from research.cli import main
-from research.evaluation import dense_search, evaluate_run, save_evaluation
-from research.metrics import compute_metrics
+from research.cli.main import main
+from research.data.beir import Document, RetrievalDataset, load_dataset
+from research.data.trec import read_run
+from research.eval.evaluation import dense_search, evaluate_run, save_evaluation
+from research.eval.metrics import compute_metrics
 from research.models.bi_encoder import BiEncoder
-from research.trec import read_run
+from research.retrieval.bm25 import BM25Config, bm25_search
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ["nDCG@10", "RR@10", "R@100", "AP@100"]

@@ -9,20 +9,34 @@ import lightning as L
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    BertTokenizerFast,
+)
 
-from datamodules.beir import load_dataset
-from datamodules.reranking import CandidateGroupsDataModule, PairGroupBatch
+from datamodules.reranking import CandidateGroupsDataModule
 from modules.cross_encoder import CrossEncoderModule
-from research.cli import main
-from research.evaluation import evaluate_run
+from research.cli.main import main
+from research.data.batches import PairGroupBatch
+from research.data.beir import load_dataset
+from research.data.trec import read_run, truncate_run, write_run
+from research.errors import ResearchError
+from research.eval.evaluation import evaluate_run
 from research.losses import CombinedLoss, ListwiseSoftmaxCE, PointwiseBCE, RankNet
 from research.models.bi_encoder import BiEncoder, BiEncoderConfig
 from research.models.cross_encoder import CrossEncoder, CrossEncoderConfig
-from research.fusion import interpolate
-from research.rerank import BiEncoderLoader, BiEncoderScorer, CrossEncoderLoader, candidate_run, load_scorer, rerank_run
-from research.errors import ResearchError
-from research.trec import read_run, truncate_run, write_run
+from research.retrieval.fusion import interpolate
+from research.retrieval.rerank import (
+    BiEncoderLoader,
+    BiEncoderScorer,
+    CrossEncoderLoader,
+    candidate_run,
+    load_scorer,
+    rerank_run,
+)
 
 WORDS = ("the a of in and is to with cell cells protein proteins gene genes cancer tumor dna rna mouse mice human "
          "study effect effects blood heart brain risk disease drug treatment increase decrease level levels virus "

@@ -7,7 +7,7 @@ import torch
 
 from datamodules.retrieval import RetrievalDataModule
 from modules.bi_encoder import BiEncoderModule
-from research.embedding_cache import EmbeddingCache
+from research.training.embedding_cache import EmbeddingCache
 
 
 def _evaluate(module, data) -> tuple[dict, int]:

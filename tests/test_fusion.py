@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from research.fusion import interpolate, zscore
+from research.retrieval.fusion import interpolate, zscore
 
 
 def test_hand_worked_example():

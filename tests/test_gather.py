@@ -13,9 +13,9 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from research.distributed import gather_group_batch, gather_with_grad
-from research.gradcache import GradCache
 from research.losses import InfoNCE
+from research.training.distributed import gather_group_batch, gather_with_grad
+from research.training.gradcache import GradCache
 
 WORLD, QUERIES, GROUP, FEATURES = 2, 8, 3, 6  # GROUP = 1 positive + 2 hard negatives per query
 EQUAL, UNEQUAL = [4, 4], [3, 5]

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import research.gradcache as gc_module
-from research.distributed import gather_group_batch
-from research.gradcache import GradCache, RandContext, split_batch
+import research.training.gradcache as gc_module
 from research.losses import InfoNCE
+from research.training.distributed import gather_group_batch
+from research.training.gradcache import GradCache, RandContext, split_batch
 
 VOCAB, DIM, QUERIES, HARD = 50, 8, 6, 1
 

@@ -152,7 +152,7 @@ def worker(out: Path, spec: dict) -> None:
     import torch.distributed as dist
     from lightning.pytorch.strategies import DDPStrategy
 
-    from research.strategies import FullyShardStrategy
+    from research.training.strategies import FullyShardStrategy
 
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning").setLevel(logging.ERROR)

@@ -11,7 +11,13 @@ from torch import nn
 
 from research.losses import ListwiseSoftmaxCE
 from research.models.llm_reranker import (
-    CONFIG_NAME, LayerwiseLLMReranker, LLMRerankerConfig, LoraSettings, YesLogit, YesNoLogOdds, scored_layers,
+    CONFIG_NAME,
+    LayerwiseLLMReranker,
+    LLMRerankerConfig,
+    LoraSettings,
+    YesLogit,
+    YesNoLogOdds,
+    scored_layers,
 )
 
 SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
@@ -52,7 +58,12 @@ def tiny_tokenizer(chat_template: bool = True):
 
 
 def tiny_causal_lm(kind: str, vocab_size: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(seed)
     if kind == "llama":
@@ -301,7 +312,7 @@ def test_lora_adapters_save_reload_and_merge_with_identical_scores(backbone_dir,
 
 
 def test_rerank_loader_recognizes_saved_rerankers(llama_dir, tmp_path):
-    from research.rerank import LLMRerankerLoader, ScorerOptions, load_scorer
+    from research.retrieval.rerank import LLMRerankerLoader, ScorerOptions, load_scorer
 
     reranker = load(llama_dir, lora=LoraSettings(rank=2), start_layer=2)
     reranker.save_pretrained(tmp_path / "saved")
@@ -403,10 +414,10 @@ def test_module_loss_is_final_layer_ranking_plus_self_distillation(llama_dir, ti
 
 
 def test_module_trains_logs_each_term_and_evaluates_at_the_exit_layer(llama_dir, tiny_beir_dir, tmp_path):
-    from datamodules.beir import load_dataset
     from datamodules.reranking import candidate_run
-    from research.evaluation import evaluate_run
-    from research.rerank import LLMRerankerLoader, rerank_run
+    from research.data.beir import load_dataset
+    from research.eval.evaluation import evaluate_run
+    from research.retrieval.rerank import LLMRerankerLoader, rerank_run
 
     module = _module(llama_dir, exit_layer=3)
     data = _datamodule(tiny_beir_dir)
@@ -434,7 +445,7 @@ def test_module_trains_logs_each_term_and_evaluates_at_the_exit_layer(llama_dir,
 
 
 def test_research_rerank_loads_a_saved_llm_reranker(llama_dir, tiny_beir_dir, tmp_path):
-    from research.cli import main
+    from research.cli.main import main
 
     reranker = load(llama_dir, start_layer=2, exit_layer=2)
     reranker.save_pretrained(tmp_path / "saved")
@@ -493,7 +504,7 @@ def test_gguf_packaged_model_without_its_package(tmp_path, monkeypatch):
 
 def test_packaged_smollm2_resolves_to_the_cached_conversion():
     from research.models.gguf import is_cached, models_cache_root
-    from research.pretrained import PACKAGED_MODELS, resolve_model
+    from research.models.pretrained import PACKAGED_MODELS, resolve_model
 
     packaged = PACKAGED_MODELS["HuggingFaceTB/SmolLM2-135M-Instruct"]
     if packaged.gguf_path() is None or not is_cached(models_cache_root() / packaged.cache_name, packaged.gguf_path()):

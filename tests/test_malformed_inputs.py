@@ -2,7 +2,7 @@
 
 A bad file is one line on stderr, ``research: error: FILE:LINE: field 'FIELD' ...``, exit code 2, no traceback; an
 accepted one (CRLF, a BOM, blank lines, a huge but valid line) exits 0. Cases run in-process through
-``research.cli.main`` (MS MARCO through ``python -m datamodules.msmarco``'s ``main``), a few also as subprocesses.
+``research.cli.main`` (MS MARCO through ``python -m research.data.msmarco``'s ``main``), a few also as subprocesses.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from datamodules import msmarco
-from research.cli import main
-from research.reliability import run_tool
+from research.cli.main import main
+from research.data import msmarco
+from research.errors import run_tool
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "malformed"
@@ -143,7 +143,7 @@ SUBPROCESS_CASES = ["beir-corpus-invalid-json", "config-syntax-error", "msmarco-
 def test_subprocess_exit_code(case_id, tiny_model_dir, tmp_path):
     case = next(case for case in CASES if case["id"] == case_id)
     tool, argv, values = prepare(case, tmp_path, tiny_model_dir)
-    command = [sys.executable, "-m", "datamodules.msmarco", *argv] if tool == "msmarco" else \
+    command = [sys.executable, "-m", "research.data.msmarco", *argv] if tool == "msmarco" else \
         [str(Path(sys.executable).with_name("research")), *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore",
            "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",

@@ -10,9 +10,21 @@ import numpy as np
 import pytest
 import pytrec_eval
 
+from research.data.trec import (
+    ranking,
+    read_run,
+    read_trec_qrels,
+    read_tsv_qrels,
+    truncate_run,
+    write_run,
+)
 from research.errors import DataFormatError
-from research.metrics import MetricsResult, compute_metrics, paired_per_query, parse_metric
-from research.trec import read_run, read_trec_qrels, read_tsv_qrels, ranking, truncate_run, write_run
+from research.eval.metrics import (
+    MetricsResult,
+    compute_metrics,
+    paired_per_query,
+    parse_metric,
+)
 
 PYTREC = {"nDCG@10": "ndcg_cut_10", "nDCG@5": "ndcg_cut_5", "R@100": "recall_100", "R@20": "recall_20",
           "AP@100": "map_cut_100", "AP@10": "map_cut_10", "P@5": "P_5", "P@30": "P_30"}

@@ -9,22 +9,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from datamodules.beir import load_dataset
-from datamodules.groups import read_groups
 from helpers import make_tiny_beir, tiny_bert, tiny_tokenizer, write_jsonl
-from research.cli import main
-from research.mining import (FILTERS, DenseIndex, MiningConfig, MiningStats, mine, mine_batch, positives_and_excluded,
-                             run_to_groups)
+
+from research.cli.main import main
+from research.data.beir import load_dataset
+from research.data.groups import read_groups
+from research.retrieval.mining import (
+    FILTERS,
+    DenseIndex,
+    MiningConfig,
+    MiningStats,
+    mine,
+    mine_batch,
+    positives_and_excluded,
+    run_to_groups,
+)
 
 THREE = "train_q_space_0"  # given three positives below
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    from helpers import TINY_BERT, VOCAB
     from transformers import BertConfig, BertForSequenceClassification
 
-    from helpers import TINY_BERT, VOCAB
     from research.models.bi_encoder import BiEncoder, BiEncoderConfig
     from research.models.cross_encoder import CrossEncoder, CrossEncoderConfig
 
@@ -186,7 +194,7 @@ def test_output_reads_back_and_trains_with_teacher_scores(world, tmp_path):
 
 
 def test_rescorer_filter_and_teacher_scores_match_pair_by_pair(world, tmp_path, capsys):
-    from research.rerank import load_scorer
+    from research.retrieval.rerank import load_scorer
 
     ce = load_scorer(world["ce"])
     data = world["data"]
@@ -215,7 +223,7 @@ def test_rescorer_filter_and_teacher_scores_match_pair_by_pair(world, tmp_path, 
 
 
 def test_score_command_equals_scoring_pair_by_pair(world, tmp_path):
-    from research.rerank import load_scorer
+    from research.retrieval.rerank import load_scorer
 
     data = world["data"]
     groups = tmp_path / "in.jsonl"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from datamodules.beir import load_dataset
-from datamodules.msmarco import (
+from research.data.beir import load_dataset
+from research.data.msmarco import (
     IdTriple,
     TextTriple,
     build_dataset,
@@ -55,8 +55,8 @@ def test_tiny_files_load_into_a_dataset_that_bm25_and_metrics_use(tiny, tmp_path
     assert dataset.split == "dev" and dataset.corpus["2"].full_text == "the whale swam past the coral reef"
     assert list(dataset.judged_queries) == ["10", "11", "12"]
 
-    from research.bm25 import bm25_search
-    from research.evaluation import evaluate_run
+    from research.eval.evaluation import evaluate_run
+    from research.retrieval.bm25 import bm25_search
 
     run = bm25_search(dataset, k=4)
     result = evaluate_run(run, dataset.qrels, metrics=("nDCG@10", "RR@10"))
@@ -105,7 +105,7 @@ def test_qrels_ids_and_references_are_checked(tiny, tmp_path):
     assert err.value.line == 2
     with pytest.raises(DataFormatError, match="unknown query '99'"):
         build_dataset({"0": "x"}, {"10": "q"}, {"99": {"0": 1}})
-    with pytest.raises(DataFormatError, match="duplicate document"):  # research.trec's own check
+    with pytest.raises(DataFormatError, match="duplicate document"):  # research.data.trec's own check
         read_qrels(write(tmp_path / "dup.tsv", "10 0 0 1\n10 0 0 1\n"))
     ids = read_triples_ids(write(tmp_path / "ids.tsv", "10\t0\t1\n"), queries=read_queries(queries),
                            collection=read_collection(collection))
@@ -129,7 +129,7 @@ def test_triples_become_training_data(tmp_path):
     rocket = next(g for g in groups if data.queries[g["query_id"]] == "what is a rocket")
     assert [data.corpus[n].text for n in rocket["negatives"]] == ["bake bread", "piano concert"]
 
-    from datamodules.groups import read_groups
+    from research.data.groups import read_groups
 
     assert set(read_groups(folder / "groups.jsonl", data.queries, data.corpus)) == set(data.queries)
     count = id_triples_to_groups([IdTriple("1", "2", "3"), IdTriple("1", "2", "4"), IdTriple("5", "6", "3")],

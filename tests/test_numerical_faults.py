@@ -11,8 +11,8 @@ from lightning.pytorch.callbacks import Callback
 
 from datamodules.retrieval import RetrievalDataModule
 from modules.bi_encoder import BiEncoderModule
-from research.callbacks import NonFiniteLossError, NonFiniteLossGuard
-from research.cli import main
+from research.cli.main import main
+from research.training.callbacks import NonFiniteLossError, NonFiniteLossGuard
 
 BAD_STEP = 3
 

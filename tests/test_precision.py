@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from research.precision import PRECISIONS, inference_autocast
+from research.models.runtime import PRECISIONS, inference_autocast
 
 
 def test_bf16_mixed_autocasts_matmuls_and_32_true_does_not():

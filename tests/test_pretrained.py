@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-import research.pretrained as pretrained
+import research.models.pretrained as pretrained
 from research.errors import ModelNotFoundError, ResearchError
-from research.pretrained import PackagedModel, resolve_model
+from research.models.pretrained import PackagedModel, resolve_model
 
 
 def test_local_directory_resolves_to_itself(tiny_model_dir):

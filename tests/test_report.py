@@ -15,7 +15,7 @@ import yaml
 from scipy import stats
 
 from research.errors import ResearchError
-from research.report import (
+from research.runs.report import (
     find_runs,
     holm,
     make_report,

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from research import reproduce as reproduce_mod
-from research.metrics import compute_metrics
-from research.reproduce import (
+from research.data.trec import write_run
+from research.eval.metrics import compute_metrics
+from research.runs import reproduce as reproduce_mod
+from research.runs.reproduce import (
     BaselineError,
     BM25Row,
     DenseEvalRow,
@@ -20,7 +21,6 @@ from research.reproduce import (
     reproduce,
     score_run,
 )
-from research.trec import write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

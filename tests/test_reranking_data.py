@@ -9,16 +9,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.beir import load_dataset
-from datamodules.formats import read_listwise_groups, read_preferences, read_scored_pairs
 from datamodules.reranking import (
-    CandidateGroupsDataModule, ListwiseDataModule, PairBatch, PairGroupBatch, PairwiseDataModule, PointwiseDataModule,
+    CandidateGroupsDataModule,
+    ListwiseDataModule,
+    PairBatch,
+    PairGroupBatch,
+    PairwiseDataModule,
+    PointwiseDataModule,
     RerankingDataModule,
 )
+from research.data.beir import load_dataset
+from research.data.formats import (
+    read_listwise_groups,
+    read_preferences,
+    read_scored_pairs,
+)
+from research.data.trec import ranking, write_run
 from research.errors import DataFormatError, ResearchError
 from research.losses import ListwiseSoftmaxCE
-from research.rerank import candidate_pairs, candidate_run
-from research.trec import ranking, write_run
+from research.retrieval.rerank import candidate_pairs, candidate_run
 from research.zelo import Vote, write_votes
 
 DOC_IDS = [f"d{i}" for i in range(1, 31)]

@@ -23,14 +23,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
+from datamodules.loader import ResumableDataLoader
 from datamodules.retrieval import EpochShuffleSampler
 from modules.bi_encoder import BiEncoderModule
-from research.callbacks import AtomicCheckpointIO
-from research.cli import main
-from research.io import atomic_write, write_json, write_jsonl
-from research.reliability import ResumableDataLoader, atomic_directory
-from research.trec import read_run, write_run
-from research.zelo.votes import Vote, read_votes, write_votes
+from research.cli.main import main
+from research.data.trec import read_run, write_run
+from research.data.votes import Vote, read_votes, write_votes
+from research.io import atomic_directory, atomic_write, write_json, write_jsonl
+from research.training.callbacks import AtomicCheckpointIO
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-6

@@ -8,12 +8,15 @@ import pytest
 import torch
 from helpers import write_jsonl
 
-from datamodules.batches import EncodeBatch, GroupBatch
-from datamodules.beir import load_dataset
-from datamodules.groups import groups_from_qrels, read_groups
 from datamodules.retrieval import (
-    EncodeDataset, EpochShuffleSampler, GroupDataset, LengthBucketSampler, RetrievalDataModule,
+    EncodeDataset,
+    EpochShuffleSampler,
+    LengthBucketSampler,
+    RetrievalDataModule,
 )
+from research.data.batches import EncodeBatch, GroupBatch
+from research.data.beir import load_dataset
+from research.data.groups import groups_from_qrels, read_groups
 from research.errors import DataFormatError, ResearchError
 
 

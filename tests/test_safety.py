@@ -21,11 +21,19 @@ import torch
 import yaml
 
 from modules.bi_encoder import BiEncoderModule
-from research.callbacks import AtomicCheckpointIO
-from research.cli import main
+from research.cli.main import main
 from research.models.bi_encoder import BiEncoder
-from research.safety import (REDACTED, find_secrets, is_secret_key, load_torch_file, redact, redact_argv, redact_text,
-                             secret_env_values)
+from research.safety import (
+    REDACTED,
+    find_secrets,
+    is_secret_key,
+    load_torch_file,
+    redact,
+    redact_argv,
+    redact_text,
+    secret_env_values,
+)
+from research.training.callbacks import AtomicCheckpointIO
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_WANDB_KEY = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c"  # 40 hex characters, like a real key

@@ -15,8 +15,17 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from test_lightning_ddp import (
+    TOLERANCE,
+    launch,
+    make_data_dir,
+    make_model_dir,
+    max_difference,
+    reference,
+    report,
+)
+
 from research.losses import InfoNCE
-from test_lightning_ddp import TOLERANCE, launch, make_data_dir, make_model_dir, max_difference, reference, report
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "experiments" / "scifact" / "bi_encoder.yaml"
@@ -24,7 +33,7 @@ OVERLAYS = {p.stem: p for p in sorted((REPO / "experiments" / "strategies").glob
 EXPECTED = {
     "ddp": "lightning.pytorch.strategies.DDPStrategy",
     "fsdp": "lightning.pytorch.strategies.FSDPStrategy",
-    "model_parallel_fully_shard": "research.strategies.FullyShardStrategy",
+    "model_parallel_fully_shard": "research.training.strategies.FullyShardStrategy",
     "deepspeed_zero2": "lightning.pytorch.strategies.DeepSpeedStrategy",
     "deepspeed_zero3": "lightning.pytorch.strategies.DeepSpeedStrategy",
     "deepspeed_zero3_offload": "lightning.pytorch.strategies.DeepSpeedStrategy",
@@ -42,7 +51,7 @@ def parse(monkeypatch, *args: str):
     """The research CLI (research.cli.run_lightning) up to parsing: its parser, defaults and config composition."""
     import lightning.pytorch.cli as lightning_cli
 
-    from research.cli import run_lightning
+    from research.cli.lightning import run_lightning
 
     captured = []
 
@@ -104,9 +113,9 @@ def test_overlay_parses_and_builds(name, dirs, monkeypatch, tmp_path):
 
 
 def test_gradient_checkpointing_leaves_the_step_unchanged(dirs):
-    from modules.bi_encoder import BiEncoderModule
-
     from test_lightning_ddp import QUERIES, make_data
+
+    from modules.bi_encoder import BiEncoderModule
 
     data = make_data(dirs[1], QUERIES)
     data.setup("fit")

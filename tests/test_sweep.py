@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from research import sweep as sweep_mod
-from research.sweep import (
+from research.runs import sweep as sweep_mod
+from research.runs.sweep import (
     SweepError,
     agent_run,
     config_label,
@@ -257,7 +257,7 @@ def test_killed_sweep_resumes_without_running_anything_twice(tmp_path, fake_fit,
     root = tmp_path / "runs"
     runs = [r.run_id for r in expand_runs(load_sweep(path))]
     hang = runs[2]  # the third run hangs after its checkpoint: the sweep is killed while it runs
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import research.sweep as s; "
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import research.runs.sweep as s; "
             f"s.FIT_PROGRAM = [sys.executable, {str(script)!r}]; s.run_sweep({str(path)!r}, root={str(root)!r})")
     env = {**os.environ, "FAKE_FIT_HANG": hang, "PYTHONPATH": str(ROOT)}
     sweep = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,

@@ -12,10 +12,24 @@ from scipy.optimize import check_grad
 from scipy.stats import norm, spearmanr
 
 from research.errors import DataFormatError
+from research.seeds import key_seed
 from research.zelo import (
-    BradleyTerryModel, ThurstoneModel, Vote, append_votes, derive_seed, elo_to_target, fit_query, fit_votes,
-    neg_log_posterior, normalize_across_queries, probability_to_elo, read_scores, read_votes, sample_pairs,
-    voted_pairs, write_scores, write_votes,
+    BradleyTerryModel,
+    ThurstoneModel,
+    Vote,
+    append_votes,
+    elo_to_target,
+    fit_query,
+    fit_votes,
+    neg_log_posterior,
+    normalize_across_queries,
+    probability_to_elo,
+    read_scores,
+    read_votes,
+    sample_pairs,
+    voted_pairs,
+    write_scores,
+    write_votes,
 )
 
 MODELS = [ThurstoneModel(), BradleyTerryModel()]
@@ -63,10 +77,10 @@ def test_pairs_deterministic_by_seed_and_small_cases():
         sample_pairs(IDS, cycles=0)
 
 
-def test_derive_seed_is_stable():
-    assert derive_seed(0, "q1") == 0xEB2B_5F41_0D4A_A3D0  # pinned: the same in every process and platform
-    assert derive_seed(0, "q1") != derive_seed(1, "q1") and derive_seed(0, "q1") != derive_seed(0, "q2")
-    assert 0 <= derive_seed(7, "q") < 2**64
+def test_key_seed_is_stable():
+    assert key_seed(0, "q1") == 0xEB2B_5F41_0D4A_A3D0  # pinned: the same in every process and platform
+    assert key_seed(0, "q1") != key_seed(1, "q1") and key_seed(0, "q1") != key_seed(0, "q2")
+    assert 0 <= key_seed(7, "q") < 2**64
 
 
 # ---- fit ---------------------------------------------------------------------------------------------------------

@@ -7,13 +7,25 @@ import json
 import pytest
 import torch
 
-from research.cli import main
+from research.cli.main import main
 from research.errors import ResearchError
-from research.zelo import derive_seed, read_scores, read_votes, sample_pairs
+from research.seeds import key_seed
+from research.zelo import read_scores, read_votes, sample_pairs
 from research.zelo.judges import (
-    BM25Scorer, Ensemble, ScoreJudge, build_ensemble, parse_judge_spec, read_judge_specs,
+    BM25Scorer,
+    Ensemble,
+    ScoreJudge,
+    build_ensemble,
+    parse_judge_spec,
+    read_judge_specs,
 )
-from research.zelo.pipeline import candidate_lists, collect_votes, plan_pairs, qrels_groups, scores_to_groups
+from research.zelo.pipeline import (
+    candidate_lists,
+    collect_votes,
+    plan_pairs,
+    qrels_groups,
+    scores_to_groups,
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +37,7 @@ def beir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(beir):
-    from datamodules.beir import load_dataset
+    from research.data.beir import load_dataset
 
     return load_dataset(beir, "train")
 
@@ -86,12 +98,12 @@ def test_candidates_and_pairs_are_seeded_per_query(data):
     assert pairs == plan_pairs(candidates, cycles=2, seed=7) and pairs != plan_pairs(candidates, cycles=2, seed=8)
     first = next(iter(candidates))
     assert [(p.doc_a, p.doc_b) for p in pairs if p.query_id == first] == sample_pairs(
-        candidates[first], 2, seed=derive_seed(7, first))
+        candidates[first], 2, seed=key_seed(7, first))
     assert len(plan_pairs(candidates, all_pairs=True)) == 10 * len(candidates)
 
 
 def test_bm25_judge_agrees_with_bm25_search(data):
-    from research.bm25 import bm25_search
+    from research.retrieval.bm25 import bm25_search
 
     query_id = next(iter(data.judged_queries))
     run = bm25_search(data, k=5, query_ids=[query_id], show_progress=False)[query_id]

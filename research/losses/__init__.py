@@ -11,7 +11,15 @@ from research.losses.contrastive import (
     in_batch_targets,
 )
 from research.losses.distillation import KLDistillation, MarginMSE
-from research.losses.ranking import LambdaLoss, ListMLE, ListNet, ListwiseSoftmaxCE, PointwiseBCE, PointwiseMSE, RankNet
+from research.losses.ranking import (
+    LambdaLoss,
+    ListMLE,
+    ListNet,
+    ListwiseSoftmaxCE,
+    PointwiseBCE,
+    PointwiseMSE,
+    RankNet,
+)
 
 __all__ = [
     "RankingLoss",

@@ -10,11 +10,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from research.io import write_json
 from research.models.pooling import POOLINGS, pooling_from_name
-from research.pretrained import resolve_model
+from research.models.pretrained import resolve_model
 
 CONFIG_NAME = "research_bi_encoder.json"
 DOCUMENT_TOWER = "document_encoder"

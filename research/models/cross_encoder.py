@@ -8,10 +8,15 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from research.io import write_json
-from research.pretrained import resolve_model
+from research.models.pretrained import resolve_model
 
 CONFIG_NAME = "research_cross_encoder.json"
 SENTENCE_TRANSFORMERS_TRANSFORMER = "sentence_transformers.base.modules.transformer.Transformer"
@@ -126,7 +131,7 @@ class CrossEncoder(nn.Module):
         return out
 
     def score_pairs(self, queries: list[str], documents: list[str], batch_size: int = 32) -> Tensor:
-        """The :class:`research.rerank.PairScorer` interface: :meth:`score`."""
+        """The :class:`research.retrieval.rerank.PairScorer` interface: :meth:`score`."""
         return self.score(queries, documents, batch_size)
 
 

@@ -72,7 +72,10 @@ def sdpa_fast_dropout_attention(
     **kwargs,
 ) -> tuple[Tensor, None]:
     """transformers attention function: its sdpa without dropout, else math attention with :func:`fast_dropout`."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import (
+        repeat_kv,
+        sdpa_attention_forward,
+    )
 
     unsupported = any(kwargs.get(k) is not None for k in ("position_bias", "cache", "softcap"))
     if dropout == 0.0 or unsupported:  # unsupported features: transformers' sdpa with torch's own dropout

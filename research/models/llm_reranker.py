@@ -37,10 +37,15 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from research.io import write_json
-from research.pretrained import resolve_model
+from research.models.pretrained import resolve_model
 
 CONFIG_NAME = "research_llm_reranker.json"
 HEADS_FILE = "layer_heads.safetensors"
@@ -172,7 +177,7 @@ def _autocast_off(device: torch.device):
 
 # ---------------------------------------------------------------------------------------------------- the model
 class LayerwiseLLMReranker(nn.Module):
-    """Causal-LM relevance scores per layer, with early exit. Implements ``research.rerank.PairScorer``."""
+    """Causal-LM relevance scores per layer, with early exit. Implements ``research.retrieval.rerank.PairScorer``."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: LLMRerankerConfig,
                  heads: LayerHeads | None = None) -> None:
@@ -391,7 +396,7 @@ class LayerwiseLLMReranker(nn.Module):
 
     def score_pairs(self, queries: list[str], documents: list[str], batch_size: int = 32,
                     exit_layer: int | None = None) -> Tensor:
-        """``research.rerank.PairScorer``: scores ``[N]`` at ``exit_layer`` (default: the config's, else the last),
+        """``research.retrieval.rerank.PairScorer``: scores ``[N]`` at ``exit_layer`` (default: the config's, else the last),
         running only the decoder blocks up to it."""
         layer = exit_layer or self.config.exit_layer or self.num_layers
         self._check_exit_layer(layer)

@@ -17,9 +17,9 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import expit, log_expit, log_ndtr
 
+from research.data.votes import Vote
 from research.errors import DataFormatError
 from research.io import iter_jsonl, require_field, write_jsonl
-from research.zelo.votes import Vote
 
 ELO_PER_NAT = 400.0 / math.log(10.0)  # Elo: P(a beats b) = 1 / (1 + 10 ** (-(elo_a - elo_b) / 400))
 

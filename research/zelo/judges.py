@@ -3,10 +3,10 @@
 Every judge has ``name`` and ``judge_pairs(queries, docs_a, docs_b) -> list[float]`` (batched, one probability
 per pair); :meth:`Judge.judge` is the single-pair form. Judges here:
 
-- :class:`ScoreJudge`: any pointwise scorer of the framework (the :class:`research.rerank.PairScorer` protocol:
-  cross-encoder, bi-encoder through :class:`~research.rerank.BiEncoderScorer`, LLM reranker), turned pairwise by
+- :class:`ScoreJudge`: any pointwise scorer of the framework (the :class:`research.retrieval.rerank.PairScorer` protocol:
+  cross-encoder, bi-encoder through :class:`~research.retrieval.rerank.BiEncoderScorer`, LLM reranker), turned pairwise by
   ``p = sigmoid((s_a - s_b) / temperature)``;
-- :func:`bm25_judge`: a :class:`ScoreJudge` over :class:`BM25Scorer` (bm25s, the settings of :mod:`research.bm25`);
+- :func:`bm25_judge`: a :class:`ScoreJudge` over :class:`BM25Scorer` (bm25s, the settings of :mod:`research.retrieval.bm25`);
 - :class:`research.zelo.llm_judge.ChatJudge`: an OpenAI-compatible chat model asked "A or B?";
 - :class:`Ensemble`: the mean of several judges' probabilities, keeping each judge's vote.
 
@@ -31,8 +31,8 @@ from torch import Tensor
 from research.errors import DataFormatError, ResearchError
 
 if TYPE_CHECKING:
-    from datamodules.beir import RetrievalDataset
-    from research.rerank import PairScorer
+    from research.data.beir import RetrievalDataset
+    from research.retrieval.rerank import PairScorer
 
 
 class JudgeError(ResearchError):
@@ -95,7 +95,7 @@ class ScoreJudge(Judge):
 
 
 class BM25Scorer:
-    """BM25 (bm25s, the settings of :func:`research.bm25.bm25_search`) of any query against documents of a corpus.
+    """BM25 (bm25s, the settings of :func:`research.retrieval.bm25.bm25_search`) of any query against documents of a corpus.
 
     A document is found by its text (``Document.full_text``); one ``get_scores`` over the corpus per distinct query.
     """
@@ -103,7 +103,7 @@ class BM25Scorer:
     def __init__(self, data: RetrievalDataset, config=None) -> None:
         import bm25s
 
-        from research.bm25 import BM25Config
+        from research.retrieval.bm25 import BM25Config
 
         self.config = config or BM25Config()
         self.stemmer = None
@@ -139,7 +139,7 @@ class BM25Scorer:
 
 
 def bm25_judge(data: RetrievalDataset, temperature: float = 1.0, name: str = "bm25", **bm25) -> ScoreJudge:
-    from research.bm25 import BM25Config
+    from research.retrieval.bm25 import BM25Config
 
     return ScoreJudge(BM25Scorer(data, BM25Config(**bm25)), temperature=temperature, name=name)
 
@@ -229,7 +229,7 @@ def parse_judge_spec(spec: str) -> dict[str, Any]:
 
 def read_judge_specs(path: str | Path) -> list[dict[str, Any]]:
     """A YAML or JSON list of judge specs (dicts, or spec strings); ``{"judges": [...]}`` works too."""
-    from research.reliability import read_yaml_file
+    from research.io import read_yaml_file
 
     path = Path(path)
     if path.suffix.lower() == ".json":
@@ -268,7 +268,7 @@ def build_judge(spec: Mapping[str, Any], data: RetrievalDataset | None = None, d
                 raise ResearchError("a bm25 judge needs the dataset's corpus")
             return bm25_judge(data, **spec), weight
         if kind == "model":
-            from research.rerank import ScorerOptions, load_scorer
+            from research.retrieval.rerank import ScorerOptions, load_scorer
 
             path = spec.pop("path")
             options = ScorerOptions(max_length=spec.pop("max_length", None),

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -26,8 +25,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from research.seeds import key_seed
 from research.zelo.judges import Judge, JudgeError
-from research.zelo.pairs import derive_seed
 
 SYSTEM_PROMPT = ("You are a relevance judge for a search engine. You are given a query and two documents, A and B. "
                  "Answer with a single letter: A if Document A is more relevant to the query, B if Document B is.")
@@ -80,7 +79,7 @@ class ChatJudge(Judge):
     def swapped(self, query: str, doc_a: str, doc_b: str) -> bool:
         """Whether the pair is shown as (doc_b, doc_a): a seeded coin per (query, unordered pair)."""
         first, second = sorted((doc_a, doc_b))
-        coin = derive_seed(self.seed, f"{query}\x1f{first}\x1f{second}") & 1
+        coin = key_seed(self.seed, f"{query}\x1f{first}\x1f{second}") & 1
         return bool(coin) != (first != doc_a)  # the same unordered pair shows the same document first either way
 
     def messages(self, query: str, shown_a: str, shown_b: str) -> list[dict[str, str]]:
@@ -114,7 +113,7 @@ class ChatJudge(Judge):
             if err.code in RETRY_STATUS:
                 raise _Retryable(f"HTTP {err.code}") from None
             raise JudgeError(f"llm judge {self.name}: {self.url} answered HTTP {err.code} {detail}".rstrip()) from None
-        except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError, OSError) as err:
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
             raise _Retryable(self._scrub(f"{type(err).__name__}: {getattr(err, 'reason', err)}")) from None
         try:
             return json.loads(body)

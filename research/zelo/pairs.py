@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from itertools import combinations
 
 import numpy as np
-
-
-def derive_seed(seed: int, key: str) -> int:
-    """A stable 64-bit seed for ``key`` (e.g. a query id) under ``seed``: BLAKE2b, not Python's salted ``hash()``."""
-    digest = hashlib.blake2b(f"{int(seed)}\x1f{key}".encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
 
 
 def sample_pairs(

@@ -1,7 +1,7 @@
 """The zELO collection loop: candidates -> pairs -> judge votes (resumable) -> scores -> student training data.
 
 1. :func:`candidate_lists`: each query's top-N documents of a first-stage run (BM25 now, or a TREC run file);
-2. :func:`plan_pairs`: per query, :func:`~research.zelo.pairs.sample_pairs` seeded with ``derive_seed(seed, query_id)``
+2. :func:`plan_pairs`: per query, :func:`~research.zelo.pairs.sample_pairs` seeded with ``key_seed(seed, query_id)``
    (random Hamiltonian cycles, or all pairs);
 3. :func:`collect_votes`: the pairs not yet in the votes file are judged in chunks and appended one flushed line per
    vote, so a crash or a failing judge loses at most the chunk in flight; re-running skips what is on disk;
@@ -17,16 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from research.data.trec import ranking
+from research.data.votes import Vote, append_votes, read_votes, voted_pairs
 from research.errors import ResearchError
 from research.io import write_jsonl
-from research.trec import ranking
+from research.seeds import key_seed
 from research.zelo.fit import ELO_PER_NAT
 from research.zelo.judges import Ensemble, Judge
-from research.zelo.pairs import derive_seed, sample_pairs
-from research.zelo.votes import Vote, append_votes, read_votes, voted_pairs
+from research.zelo.pairs import sample_pairs
 
 if TYPE_CHECKING:
-    from datamodules.beir import RetrievalDataset
+    from research.data.beir import RetrievalDataset
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def candidate_lists(data: RetrievalDataset, source: str, top_n: int,
 
     ``query_ids`` defaults to the split's judged queries; a query with fewer than 2 candidates is left out.
     """
-    from research.rerank import candidate_run
+    from research.retrieval.rerank import candidate_run
 
     if top_n < 2:
         raise ResearchError(f"--top-n must be >= 2 (pairs need two documents), got {top_n}")
@@ -74,9 +75,9 @@ def candidate_lists(data: RetrievalDataset, source: str, top_n: int,
 
 def plan_pairs(candidates: Mapping[str, Sequence[str]], cycles: int = 4, seed: int = 0,
                all_pairs: bool = False) -> list[PlannedPair]:
-    """The pairs to judge, query by query; each query's sample is seeded by ``derive_seed(seed, query_id)``."""
+    """The pairs to judge, query by query; each query's sample is seeded by ``key_seed(seed, query_id)``."""
     return [PlannedPair(query_id, a, b) for query_id, docs in candidates.items()
-            for a, b in sample_pairs(docs, cycles=cycles, seed=derive_seed(seed, query_id), all_pairs=all_pairs)]
+            for a, b in sample_pairs(docs, cycles=cycles, seed=key_seed(seed, query_id), all_pairs=all_pairs)]
 
 
 def _chunks(items: Sequence[PlannedPair], size: int) -> Iterator[Sequence[PlannedPair]]:
@@ -139,7 +140,7 @@ def scores_to_groups(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any
 
 
 def write_groups(path: str | Path, records: Iterable[Mapping[str, Any]]) -> int:
-    """Write :func:`scores_to_groups` as JSONL (the listwise format of :mod:`datamodules.formats`); returns queries."""
+    """Write :func:`scores_to_groups` as JSONL (the listwise format of :mod:`research.data.formats`); returns queries."""
     groups = scores_to_groups(records)
     for group in groups:
         if not all(math.isfinite(v) for v in group["logit"]):

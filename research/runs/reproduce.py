@@ -22,7 +22,7 @@ A baselines file::
         ...
 
 Each row writes into ``<out>/<row name>/``; its run file (``run.trec``) is re-scored here with
-:func:`research.metrics.compute_metrics` at the row's ``relevance_level``, so every row is measured the same way
+:func:`research.eval.metrics.compute_metrics` at the row's ``relevance_level``, so every row is measured the same way
 whatever command produced it. A metric without ``expected`` is reported as measured only (no pass/fail). The exit
 code is 1 when a measured value is outside its tolerance or a row's command failed.
 """
@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 
 
 from research.errors import ResearchError
-from research.reliability import read_yaml_file, yaml_location
+from research.io import read_yaml_file, yaml_location
 from research.io import atomic_write, write_json
 
 PROGRAM = [sys.executable, "-m", "research.cli"]  # what runs a row's `research ...` command (tests swap it)
@@ -230,7 +230,7 @@ def parse_row(raw: dict[str, Any], defaults: dict[str, Any], where: str) -> Row:
     metrics_raw = merged.get("metrics")
     if not isinstance(metrics_raw, dict) or not metrics_raw:
         raise BaselineError(f"{where}: row {name!r}: 'metrics' must map metric names to {{expected, published, tolerance}}")
-    from research.metrics import parse_metric
+    from research.eval.metrics import parse_metric
 
     metrics = []
     for metric, spec in metrics_raw.items():
@@ -282,8 +282,8 @@ def load_baselines(path: str | Path) -> tuple[dict[str, Any], list[Row]]:
 
 # ---------------------------------------------------------------- measuring
 def load_qrels(data: str, split: str):
-    from datamodules.beir import resolve_dataset
-    from research.trec import read_tsv_qrels
+    from research.data.beir import resolve_dataset
+    from research.data.trec import read_tsv_qrels
 
     path = resolve_dataset(data) / "qrels" / f"{split}.tsv"
     if not path.is_file():
@@ -293,8 +293,8 @@ def load_qrels(data: str, split: str):
 
 def score_run(row: Row, run_path: Path) -> dict[str, float]:
     """The row's metrics of the run file at the row's relevance level."""
-    from research.metrics import compute_metrics
-    from research.trec import read_run
+    from research.eval.metrics import compute_metrics
+    from research.data.trec import read_run
 
     result = compute_metrics(read_run(run_path), load_qrels(row.data, row.split), [m.name for m in row.metrics],
                              relevance_level=row.relevance_level)

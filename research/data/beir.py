@@ -17,9 +17,9 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from research.data.trec import Qrels, read_tsv_qrels
 from research.errors import DataFormatError, ResearchError
 from research.io import iter_jsonl, iter_lines, require_field
-from research.trec import Qrels, read_tsv_qrels
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets"
 BEIR_DATASETS = frozenset({

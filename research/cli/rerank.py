@@ -6,18 +6,23 @@ import argparse
 import time
 from pathlib import Path
 
-from research.commands.retrieval import print_metrics
+from research.cli.retrieval import print_metrics
 from research.errors import ResearchError
-from research.precision import PRECISIONS, inference_autocast
+from research.models.runtime import PRECISIONS, inference_autocast
 
 
 def cmd_rerank(args: argparse.Namespace) -> None:
     import torch
 
-    from datamodules.beir import load_dataset
-    from research.evaluation import evaluate_run, save_evaluation
-    from research.rerank import ScorerOptions, candidate_run, load_scorer, rerank_run
-    from research.trec import truncate_run
+    from research.data.beir import load_dataset
+    from research.data.trec import truncate_run
+    from research.eval.evaluation import evaluate_run, save_evaluation
+    from research.retrieval.rerank import (
+        ScorerOptions,
+        candidate_run,
+        load_scorer,
+        rerank_run,
+    )
 
     if args.top_k < 1:
         raise ResearchError(f"--top-k must be >= 1, got {args.top_k}")
@@ -40,7 +45,7 @@ def cmd_rerank(args: argparse.Namespace) -> None:
     print_metrics(f"re-ranked by {args.model}", evaluation.metrics.aggregate)
     print(f"wrote {Path(args.out) / 'run.trec'} and {Path(args.out) / 'metrics.json'}")
     if args.interpolate is not None:
-        from research.fusion import interpolate
+        from research.retrieval.fusion import interpolate
 
         fused = evaluate_run(interpolate(run, candidates, args.interpolate), data.qrels)
         fused_dir = Path(args.out) / "interpolated"

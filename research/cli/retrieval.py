@@ -22,7 +22,7 @@ def evaluation_trainer(precision: str = "32-true"):
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from datamodules.retrieval import RetrievalDataModule
     from modules.bi_encoder import BiEncoderModule
-    from research.evaluation import save_evaluation
+    from research.eval.evaluation import save_evaluation
 
     module = BiEncoderModule(model=args.model, document_max_length=args.max_length, query_max_length=args.max_length,
                              eval_top_k=args.top_k, trust_remote_code=args.trust_remote_code)
@@ -37,9 +37,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_bm25(args: argparse.Namespace) -> None:
-    from datamodules.beir import load_dataset
-    from research.bm25 import BM25Config, bm25_search
-    from research.evaluation import evaluate_run, save_evaluation
+    from research.data.beir import load_dataset
+    from research.eval.evaluation import evaluate_run, save_evaluation
+    from research.retrieval.bm25 import BM25Config, bm25_search
 
     data = load_dataset(args.data, args.split)
     started = time.perf_counter()

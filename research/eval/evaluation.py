@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from research.data.trec import Qrels, Run, write_run
+from research.eval.metrics import MetricsResult, compute_metrics
 from research.io import write_json
-from research.metrics import MetricsResult, compute_metrics
-from research.trec import Qrels, Run, write_run
 
 DEFAULT_METRICS = ("nDCG@10", "RR@10", "R@100", "AP@100")
 

@@ -43,3 +43,39 @@ class EncodeBatch:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+
+@dataclass
+class PairGroupBatch:
+    """Queries, each with a group of documents and a target per document (label, teacher score or preference).
+
+    ``doc_ids[i]`` / ``documents[i]`` have ``mask[i].sum()`` entries; ``targets`` and ``mask`` are ``[Q, G]``,
+    padded with 0 / False beyond each group's end.
+    """
+
+    query_ids: list[str]
+    queries: list[str]
+    doc_ids: list[list[str]]
+    documents: list[list[str]]
+    targets: Tensor
+    mask: Tensor
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    @property
+    def group_size(self) -> int:
+        return int(self.targets.shape[1])
+
+
+@dataclass
+class PairBatch:
+    """(query, document) pairs to score in evaluation, with their ids."""
+
+    query_ids: list[str]
+    doc_ids: list[str]
+    queries: list[str]
+    documents: list[str]
+
+    def __len__(self) -> int:
+        return len(self.queries)

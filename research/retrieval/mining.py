@@ -1,4 +1,4 @@
-"""Hard-negative mining, teacher scoring and run-to-groups: training groups for :mod:`datamodules.groups`.
+"""Hard-negative mining, teacher scoring and run-to-groups: training groups for :mod:`research.data.groups`.
 
 Mining encodes the corpus once into an exact ``faiss.IndexFlatIP`` and searches it in QUERY BATCHES, so memory is
 the index plus one batch (``query_batch × depth`` candidates): never a query × corpus matrix, whatever the number
@@ -41,9 +41,9 @@ from typing import Any
 
 import numpy as np
 
+from research.data.trec import Qrels, Run, ranking
 from research.errors import DataFormatError, ResearchError
 from research.io import atomic_write, iter_jsonl, write_json, write_jsonl
-from research.trec import Qrels, Run, ranking
 
 FILTERS = ("positive", "rank_window", "margin", "relative_margin", "max_score", "rescorer", "num_negatives")
 

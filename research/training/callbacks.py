@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import sys
@@ -32,6 +31,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from research.errors import ResearchError
 from research.io import atomic_write
 from research.safety import REDACTED, find_secrets, redact
+from research.seeds import stream_seed
 
 
 class NonFiniteLossError(ResearchError):
@@ -158,9 +158,6 @@ class NonFiniteLossGuard(Callback):
         self.skipped = int(state_dict.get("skipped", 0))
 
 
-def derived_seed(*parts: object) -> int:
-    """A 63-bit seed from values, the same in every process and Python version."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "big") >> 1
 
 
 class ExactResume(Callback):
@@ -171,7 +168,7 @@ class ExactResume(Callback):
       reseeded from ``(seed, epoch, batch_idx, rank)``: the same masks whatever ran before (a restart, a validation
       loop, a DataLoader drawing its base seed). ``seed`` defaults to the run's ``seed_everything``
       (``PL_GLOBAL_SEED``); without either, no reseeding. The seed is stored in checkpoints; a resumed run uses it.
-    * Data position: the saved position of a :class:`research.reliability.ResumableDataLoader` is handed back to it
+    * Data position: the saved position of a :class:`datamodules.loader.ResumableDataLoader` is handed back to it
       at ``on_train_start`` (Lightning 2.6 skips that when the train loader was built before the restore, e.g. by
       ``trainer.estimated_stepping_batches`` in ``configure_optimizers``), so the resumed epoch skips the batches
       already trained on instead of replaying them.
@@ -188,7 +185,7 @@ class ExactResume(Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.seed is None:
             return
-        seed = derived_seed(self.seed, trainer.current_epoch, batch_idx, trainer.global_rank)
+        seed = stream_seed(self.seed, trainer.current_epoch, batch_idx, trainer.global_rank)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)  # every CUDA device too
@@ -309,3 +306,37 @@ def _redact_hparams(holder: Any) -> None:
     initial = getattr(holder, "_hparams_initial", None)
     if initial is not None and find_secrets(initial):
         holder._hparams_initial = redact(initial)
+
+
+DEFAULT_CHECKPOINT_EVERY_N_STEPS = 500
+
+
+def default_callbacks(configured: Any, *, enable_checkpointing: bool | None, skip_nonfinite_batches: bool,
+                      checkpoint_every_n_steps: int) -> list[Any]:
+    """The configured callbacks plus what ``research fit`` adds unless configured: a step-interval
+    ``ModelCheckpoint(save_last=True)``, :class:`NonFiniteLossGuard` and :class:`ExactResume`."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks = [] if configured is None else list(configured) if isinstance(configured, (list, tuple)) else [configured]
+    kinds = tuple(type(c) for c in callbacks)
+    if enable_checkpointing is not False and checkpoint_every_n_steps > 0 and not any(
+            issubclass(k, ModelCheckpoint) for k in kinds):
+        callbacks.append(ModelCheckpoint(every_n_train_steps=checkpoint_every_n_steps, save_last=True, save_top_k=0))
+    if not any(issubclass(k, NonFiniteLossGuard) for k in kinds):
+        callbacks.append(NonFiniteLossGuard(skip_nonfinite_batches=skip_nonfinite_batches))
+    if not any(issubclass(k, ExactResume) for k in kinds):
+        callbacks.append(ExactResume())
+    return callbacks
+
+
+def install_atomic_checkpoint_io(trainer: Any) -> None:
+    """Use :class:`AtomicCheckpointIO` where the strategy would use Lightning's plain ``TorchCheckpointIO``."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    strategy = trainer.strategy
+    try:
+        current = strategy.checkpoint_io
+    except (AttributeError, NotImplementedError):
+        return
+    if type(current) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()

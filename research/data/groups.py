@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from research.data.trec import Qrels
 from research.errors import DataFormatError
 from research.io import iter_jsonl, require_field
-from research.trec import Qrels
 
 
 @dataclass

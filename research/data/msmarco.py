@@ -4,7 +4,7 @@ Formats (UTF-8, one record a line, blank lines skipped, a BOM and CRLF accepted)
 
 * collection ``collection.tsv``: ``pid<TAB>passage text``
 * queries ``queries.*.tsv`` (and Anserini ``topics.msmarco-passage.*.txt``): ``qid<TAB>query text``
-* qrels ``qrels.*.tsv`` / TREC: ``qid 0 pid relevance`` (whitespace-separated; :func:`research.trec.read_trec_qrels`)
+* qrels ``qrels.*.tsv`` / TREC: ``qid 0 pid relevance`` (whitespace-separated; :func:`research.data.trec.read_trec_qrels`)
 * triples by text ``triples.train.small.tsv``: ``query<TAB>positive passage<TAB>negative passage``
 * triples by id ``qidpidtriples.train.full.tsv``: ``qid<TAB>positive pid<TAB>negative pid``
 
@@ -12,12 +12,12 @@ Every malformed record raises :class:`DataFormatError` naming the file, the line
 tab-separated columns, an empty text, a duplicate id, or (with ``int_ids=True``, the MS MARCO default) an id that is
 not a non-negative integer. Ids are kept as the strings written in the file.
 
-:func:`build_dataset` turns collection + queries + qrels into a :class:`datamodules.beir.RetrievalDataset` (every
+:func:`build_dataset` turns collection + queries + qrels into a :class:`research.data.beir.RetrievalDataset` (every
 qrels id checked), so BM25, dense evaluation and the metrics work unchanged; :func:`write_beir` writes it as a BEIR
 folder that ``research fit``/``evaluate``/``bm25`` read (``--data DIR``); :func:`triples_to_beir` does the same for
 text triples (ids are assigned to distinct texts; the negatives go to a groups JSONL for ``groups_file``)::
 
-    python -m datamodules.msmarco --collection collection.tsv --queries queries.dev.small.tsv \\
+    python -m research.data.msmarco --collection collection.tsv --queries queries.dev.small.tsv \\
         --qrels qrels.dev.small.tsv --split dev --out data/msmarco-dev
 """
 
@@ -31,11 +31,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from research.data.beir import Document, RetrievalDataset
+from research.data.trec import Qrels, read_trec_qrels
 from research.errors import DataFormatError
 from research.io import atomic_write, iter_lines
-from research.trec import Qrels, read_trec_qrels
-
-from datamodules.beir import Document, RetrievalDataset
 
 __all__ = [
     "read_collection", "read_queries", "read_qrels", "read_triples_text", "read_triples_ids", "TextTriple", "IdTriple",
@@ -104,7 +103,7 @@ def read_queries(path: str | Path, int_ids: bool = True) -> dict[str, str]:
 
 
 def read_qrels(path: str | Path, int_ids: bool = True) -> Qrels:
-    """TREC qrels (``qid iter pid relevance``) via :func:`research.trec.read_trec_qrels`, ids checked as integers."""
+    """TREC qrels (``qid iter pid relevance``) via :func:`research.data.trec.read_trec_qrels`, ids checked as integers."""
     path = Path(path)
     qrels = read_trec_qrels(path)
     if int_ids:
@@ -283,7 +282,7 @@ def id_triples_to_groups(triples: list[IdTriple], path: str | Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m datamodules.msmarco",
+    parser = argparse.ArgumentParser(prog="python -m research.data.msmarco",
                                      description="MS MARCO TSV files -> a validated BEIR folder")
     parser.add_argument("--collection", required=True)
     parser.add_argument("--queries", required=True)
@@ -301,6 +300,6 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     import sys
 
-    from research.reliability import run_tool
+    from research.errors import run_tool
 
     sys.exit(run_tool(main))  # a malformed file: one line naming file, line and field; exit code 2

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from research.trec import Run
+from research.data.trec import Run
 
 
 def zscore(scores: Mapping[str, float]) -> dict[str, float]:

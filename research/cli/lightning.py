@@ -1,43 +1,31 @@
-"""The ``research`` command: Lightning's ``fit/validate/test`` over composable YAML, plus evaluation tools.
-
-    research fit --config experiments/scifact/bi_encoder.yaml
-    research evaluate --model NAME_OR_DIR --data NAME_OR_DIR --split test --out DIR
-    research bm25 --data NAME_OR_DIR --split test --out DIR
-"""
+"""``research fit|validate|test|predict``: LightningCLI over composable YAML, with a run directory per run, W&B/CSV
+tracking, default reliability callbacks and evaluation before and after ``fit``."""
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
 import warnings
 from datetime import datetime
 from pathlib import Path
 
-from research.errors import ResearchError
-
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
-# ---------------------------------------------------------------- Lightning subcommands
 def run_lightning(argv: list[str]) -> None:
     from lightning.pytorch.cli import LightningCLI
 
-    from research.callbacks import RedactingSaveConfigCallback
-    from research.commands.retrieval import print_metrics as _print_metrics
-    from research.evaluation import save_evaluation
-    from research.reliability import (DEFAULT_CHECKPOINT_EVERY_N_STEPS, atomic_directory, check_resume,
-                                      default_callbacks, install_atomic_checkpoint_io, one_line_config_errors)
-    from research.tracking import default_logger, write_run_info
+    from research.cli.config_errors import one_line_config_errors
+    from research.cli.retrieval import print_metrics as _print_metrics
+    from research.eval.evaluation import save_evaluation
+    from research.io import atomic_directory
+    from research.runs.resume import check_resume
+    from research.training.callbacks import (
+        DEFAULT_CHECKPOINT_EVERY_N_STEPS,
+        RedactingSaveConfigCallback,
+        default_callbacks,
+        install_atomic_checkpoint_io,
+    )
+    from research.training.tracking import default_logger, write_run_info
 
     class ResearchCLI(LightningCLI):
         """LightningCLI with a run directory per run, W&B/CSV tracking and evaluation before/after ``fit``."""
@@ -135,51 +123,3 @@ def _has_omegaconf() -> bool:
     except ImportError:
         return False
     return True
-
-
-# ---------------------------------------------------------------- other commands
-# Each module registers its subcommands with ``register(subparsers)``.
-COMMAND_MODULES = ("research.commands.retrieval", "research.commands.rerank", "research.commands.experiments",
-                   "research.commands.zelo", "research.commands.mining")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
-    parser = argparse.ArgumentParser(prog="research", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in LIGHTNING_SUBCOMMANDS:
-        sub.add_parser(name, help=f"Lightning {name} from YAML configs (research {name} --help)", add_help=False)
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).register(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        _quiet_libraries()
-        if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
-            run_lightning(argv)
-            return 0
-        args = build_parser().parse_args(argv)
-        args.func(args)
-        return 0
-    except ResearchError as err:
-        print(f"research: error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # an expected user error wrapped by a library (jsonargparse, transformers): one line too
-        from research.reliability import user_error
-
-        message = user_error(err)
-        if message is None or os.environ.get("RESEARCH_DEBUG"):
-            raise
-        print(f"research: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("research: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,7 +18,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     import yaml
 
     from research.io import atomic_write
-    from research.sweep import load_sweep, run_sweep, status_table, wandb_config
+    from research.runs.sweep import load_sweep, run_sweep, status_table, wandb_config
 
     if args.wandb_config:
         sweep = load_sweep(args.file)
@@ -44,7 +44,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep_agent(args: argparse.Namespace) -> None:
-    from research.sweep import agent_run
+    from research.runs.sweep import agent_run
 
     code = agent_run(args.file, args.overrides, root=args.root)
     if code:
@@ -52,14 +52,14 @@ def cmd_sweep_agent(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from research.report import make_report
+    from research.runs.report import make_report
 
     make_report(args.source, baseline=args.baseline, metrics=args.metrics, out=args.out, permutations=args.permutations,
                 root=args.root, title=args.title, references=args.reference or ())
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
-    from research.reproduce import reproduce
+    from research.runs.reproduce import reproduce
 
     code = reproduce(args.file, only=args.only, out=args.out, table=args.table, reuse=args.reuse, dry_run=args.dry_run,
                      include_disabled=args.all)

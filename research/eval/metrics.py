@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from research.trec import Qrels, Run, _trec_key
+from research.data.trec import Qrels, Run, _trec_key
 
 __all__ = ["MetricsResult", "compute_metrics", "paired_per_query", "parse_metric", "Qrels", "Run"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from datamodules.beir import RetrievalDataset
-from research.trec import Run
+from research.data.beir import RetrievalDataset
+from research.data.trec import Run
 
 
 @dataclass

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from research.errors import ResearchError
-from research.precision import PRECISIONS, inference_autocast
+from research.models.runtime import PRECISIONS, inference_autocast
 
 
 def _judge_specs(args: argparse.Namespace) -> list[dict]:
@@ -32,7 +32,7 @@ def _judge_specs(args: argparse.Namespace) -> list[dict]:
 def cmd_votes(args: argparse.Namespace) -> None:
     import torch
 
-    from datamodules.beir import load_dataset
+    from research.data.beir import load_dataset
     from research.io import write_json
     from research.zelo.judges import JudgeError, build_ensemble
     from research.zelo.pipeline import candidate_lists, collect_votes, plan_pairs
@@ -86,9 +86,9 @@ def cmd_votes(args: argparse.Namespace) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
+    from research.data.votes import read_votes
     from research.zelo.fit import fit_votes, write_scores
     from research.zelo.pipeline import write_groups
-    from research.zelo.votes import read_votes
 
     votes = read_votes(args.votes, allow_truncated_tail=args.allow_truncated_tail)
     if not votes:
@@ -103,7 +103,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 def cmd_qrels_groups(args: argparse.Namespace) -> None:
-    from datamodules.beir import load_dataset
+    from research.data.beir import load_dataset
     from research.io import write_jsonl
     from research.zelo.pipeline import candidate_lists, qrels_groups
 
@@ -114,7 +114,7 @@ def cmd_qrels_groups(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from research.cli import run_lightning
+    from research.cli.lightning import run_lightning
 
     extra = [a for a in args.lightning_args if a != "--"]  # arguments zelo train does not know
     run_lightning(["fit", "--config", args.config, *extra])

@@ -8,7 +8,7 @@ under another field name, e.g. ``"scores"``, chosen with ``target_field``)::
     ``doc_ids``: distinct, at least one; the target list is aligned with it (binary or graded labels, or teacher
     scores), finite numbers. A query may have several groups.
 
-Pairwise preferences (the zELO votes format, :mod:`research.zelo.votes`)::
+Pairwise preferences (the zELO votes format, :mod:`research.data.votes`)::
 
     {"query_id": str, "doc_a": str, "doc_b": str, "p": number, "judges": {name: number}?}
 
@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datamodules.beir import RetrievalDataset
+from research.data.beir import RetrievalDataset
+from research.data.votes import Vote, read_votes
 from research.errors import DataFormatError
 from research.io import iter_jsonl, iter_lines, require_field
-from research.zelo.votes import Vote, read_votes
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """``research mine`` (hard negatives), ``research score`` (teacher scores) and ``research run-to-groups``.
 
 All three write the groups JSONL that ``RetrievalDataModule(groups_file=...)`` reads (``score`` also scores plain
-pair lists); see :mod:`research.mining` and docs/mining.md.
+pair lists); see :mod:`research.retrieval.mining` and docs/mining.md.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from research.errors import DataFormatError, ResearchError
-from research.precision import PRECISIONS, inference_autocast
+from research.models.runtime import PRECISIONS, inference_autocast
 
 
 def _device(name: str) -> str:
@@ -21,7 +21,7 @@ def _device(name: str) -> str:
 
 
 def _load_scorer(model: str, args: argparse.Namespace, device: str):
-    from research.rerank import ScorerOptions, load_scorer
+    from research.retrieval.rerank import ScorerOptions, load_scorer
 
     return load_scorer(model, ScorerOptions(max_length=args.max_length, trust_remote_code=args.trust_remote_code,
                                             device=device))
@@ -30,10 +30,17 @@ def _load_scorer(model: str, args: argparse.Namespace, device: str):
 def cmd_mine(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from datamodules.beir import load_dataset
-    from research.mining import (DenseIndex, MiningConfig, fingerprint, mine, parse_rank_window, positives_and_excluded,
-                                 prepare_progress)
+    from research.data.beir import load_dataset
     from research.models.bi_encoder import BiEncoder
+    from research.retrieval.mining import (
+        DenseIndex,
+        MiningConfig,
+        fingerprint,
+        mine,
+        parse_rank_window,
+        positives_and_excluded,
+        prepare_progress,
+    )
 
     rank_min, rank_max = parse_rank_window(args.rank_window)
     config = MiningConfig(depth=args.depth, rank_min=rank_min, rank_max=rank_max, margin=args.margin,
@@ -117,9 +124,9 @@ def cmd_mine(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from datamodules.beir import load_dataset
+    from research.data.beir import load_dataset
     from research.io import write_jsonl
-    from research.mining import read_score_input, score_records
+    from research.retrieval.mining import read_score_input, score_records
 
     device = _device(args.device)
     kind, records = read_score_input(args.pairs)
@@ -148,11 +155,10 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 def cmd_run_to_groups(args: argparse.Namespace) -> None:
-    from datamodules.beir import load_dataset
-    from research.io import write_jsonl
-    from research.mining import MiningConfig, parse_rank_window, run_to_groups
-    from research.io import iter_lines
-    from research.trec import read_run
+    from research.data.beir import load_dataset
+    from research.data.trec import read_run
+    from research.io import iter_lines, write_jsonl
+    from research.retrieval.mining import MiningConfig, parse_rank_window, run_to_groups
 
     rank_min, rank_max = parse_rank_window(args.rank_window)
     config = MiningConfig(depth=10**9, rank_min=rank_min, rank_max=rank_max, max_score=args.max_score,
@@ -174,7 +180,7 @@ def cmd_run_to_groups(args: argparse.Namespace) -> None:
 
 
 def _window(text: str) -> str:
-    from research.mining import parse_rank_window
+    from research.retrieval.mining import parse_rank_window
 
     parse_rank_window(text)
     return text

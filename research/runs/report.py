@@ -34,7 +34,7 @@ import yaml
 
 from research.errors import ResearchError
 from research.io import atomic_write
-from research.metrics import parse_metric
+from research.eval.metrics import parse_metric
 
 __all__ = ["RunRecord", "ConfigSummary", "find_runs", "summarize", "paired_ttest", "paired_randomization_test",
            "make_report"]
@@ -151,7 +151,7 @@ def _load_run(run_dir: Path) -> RunRecord | None:
     if info_path.is_file():
         if not (run_dir / "FINISHED").is_file():
             return None  # a sweep run that did not finish (its eval may be from an earlier attempt)
-        from research.sweep import config_label
+        from research.runs.sweep import config_label
 
         info = json.loads(info_path.read_text(encoding="utf-8"))
         params = info.get("swept") or info.get("params") or {}
@@ -377,7 +377,7 @@ def plot(summaries: Sequence[ConfigSummary], metrics: Sequence[str], param: str 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from research.sweep import short_key, short_value
+    from research.runs.sweep import short_key, short_value
 
     references = [s for s in summaries if s.reference]
     summaries = [s for s in summaries if not s.reference]
@@ -469,7 +469,7 @@ def make_report(source: str | Path, baseline: str | None = None, metrics: Sequen
     sweep_metric, order = None, {}
     state = base / "sweep_state.json"
     if state.is_file():  # a sweep folder: its metric, and its configurations in the sweep file's order
-        from research.sweep import configurations, load_sweep
+        from research.runs.sweep import configurations, load_sweep
 
         sweep_file = json.loads(state.read_text(encoding="utf-8")).get("file")
         if sweep_file and Path(sweep_file).is_file():

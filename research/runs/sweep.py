@@ -65,7 +65,7 @@ from typing import Any
 import yaml
 
 from research.errors import ResearchError
-from research.reliability import read_yaml_file, yaml_location
+from research.io import read_yaml_file, yaml_location
 from research.io import atomic_write, write_json
 
 SWEEPS_ROOT = Path("runs") / "sweeps"

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from research.data.trec import Run, ranking, read_run
 from research.errors import ResearchError
-from research.pretrained import resolve_model
-from research.trec import Run, ranking, read_run
+from research.models.pretrained import resolve_model
 
 if TYPE_CHECKING:  # datamodules imports this module
-    from datamodules.beir import RetrievalDataset
+    from research.data.beir import RetrievalDataset
 
 
 BM25 = "bm25"
@@ -45,7 +45,7 @@ class CandidatePair:
 def candidate_run(source: str, data: RetrievalDataset, top_k: int, query_ids: list[str]) -> Run:
     """Candidates for ``query_ids``: BM25 top-``top_k`` computed now (``source == "bm25"``) or a TREC run file."""
     if source == BM25:
-        from research.bm25 import bm25_search
+        from research.retrieval.bm25 import bm25_search
 
         return bm25_search(data, k=top_k, query_ids=query_ids, show_progress=False)
     if not Path(source).is_file():

@@ -1,0 +1,1 @@
+"""Command-line interface: ``research <command>``. Each command parses its flags and calls the library."""

@@ -1,0 +1,71 @@
+"""The ``research`` command: Lightning's ``fit/validate/test`` over composable YAML, plus evaluation tools.
+
+    research fit --config experiments/scifact/bi_encoder.yaml
+    research evaluate --model NAME_OR_DIR --data NAME_OR_DIR --split test --out DIR
+    research bm25 --data NAME_OR_DIR --split test --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from research.cli.lightning import LIGHTNING_SUBCOMMANDS, run_lightning
+from research.errors import ResearchError
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+# ---------------------------------------------------------------- other commands
+# Each module registers its subcommands with ``register(subparsers)``.
+COMMAND_MODULES = ("research.cli.retrieval", "research.cli.rerank", "research.cli.experiments",
+                   "research.cli.zelo", "research.cli.mining")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="research", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in LIGHTNING_SUBCOMMANDS:
+        sub.add_parser(name, help=f"Lightning {name} from YAML configs (research {name} --help)", add_help=False)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _quiet_libraries()
+        if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+            run_lightning(argv)
+            return 0
+        args = build_parser().parse_args(argv)
+        args.func(args)
+        return 0
+    except ResearchError as err:
+        print(f"research: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # an expected user error wrapped by a library (jsonargparse, transformers): one line too
+        from research.errors import user_error
+
+        message = user_error(err)
+        if message is None or os.environ.get("RESEARCH_DEBUG"):
+            raise
+        print(f"research: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("research: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

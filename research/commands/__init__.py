@@ -1,1 +1,0 @@
-"""Subcommands of the ``research`` CLI beyond Lightning's fit/validate/test; each module has ``register(subparsers)``."""

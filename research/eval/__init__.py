@@ -1,0 +1,1 @@
+"""Evaluation: ranking metrics equal to trec_eval, run evaluation, significance tests."""

@@ -1,0 +1,1 @@
+"""Training machinery around Lightning: callbacks, tracking, strategies, cross-device gathers, GradCache, caches."""
