@@ -39,8 +39,8 @@ def autocast(precision: str, device: str):
 
 def evaluate_layers(reranker, data, pairs, layers, batch_size, precision, device):
     """nDCG@10 per layer of one scoring pass over ``pairs`` (every layer read in the same pass), and the scores."""
+    from research.data.candidates import pairs_to_run
     from research.eval.evaluation import evaluate_run
-    from research.retrieval.rerank import pairs_to_run
 
     started = time.perf_counter()
     with autocast(precision, device):
@@ -112,10 +112,11 @@ def main() -> None:
     from datamodules.reranking import CandidateGroupsDataModule
     from modules.llm_reranker import LLMRerankerModule
     from research.data.beir import load_dataset
+    from research.data.candidates import candidate_pairs
     from research.eval.evaluation import evaluate_run
-    from research.models.llm_reranker import LayerwiseLLMReranker, preferred_dtype
+    from research.models.llm_reranker import LayerwiseLLMReranker
+    from research.models.runtime import preferred_dtype
     from research.retrieval.bm25 import bm25_search
-    from research.retrieval.rerank import candidate_pairs
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

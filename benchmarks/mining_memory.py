@@ -38,7 +38,9 @@ def worker(args: argparse.Namespace) -> dict:
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
-    from research.retrieval.mining import DenseIndex, MiningConfig, mine
+    from research.retrieval.dense import DenseIndex
+    from research.retrieval.mining import mine
+    from research.retrieval.negatives import MiningConfig
 
     try:
         import faiss

@@ -28,22 +28,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.loader import ResumableDataLoader
-from datamodules.retrieval import EpochShuffleSampler
+from datamodules.retrieval import EpochShuffleSampler, EvaluationTarget
 from research.data.batches import PairBatch, PairGroupBatch
 from research.data.beir import RetrievalDataset, load_dataset
+from research.data.candidates import CandidatePair, candidate_pairs, ranked_candidates
 from research.data.formats import (
     read_listwise_groups,
     read_preferences,
     read_scored_pairs,
 )
-from research.data.trec import Run, ranking
+from research.data.groups import qrels_positives
+from research.data.trec import Run
 from research.errors import ResearchError
-from research.retrieval.rerank import (
-    BM25,
-    CandidatePair,
-    candidate_pairs,
-    candidate_run,
-)
+from research.retrieval.rerank import BM25, candidate_run
 from research.seeds import stable_seed
 
 
@@ -150,21 +147,16 @@ class CandidateGroupDataset(TrainingListDataset):
             raise ValueError(f"group_size must be >= 2 (a positive and a negative), got {group_size}")
         if not 1 <= negative_rank_min <= negative_rank_max:
             raise ValueError(f"need 1 <= negative_rank_min <= negative_rank_max, got {negative_rank_min}..{negative_rank_max}")
-        self.positives = {
-            qid: frozenset(d for d, grade in docs.items() if grade >= relevance_level) for qid, docs in data.qrels.items()
-        }
+        self.positives = {qid: frozenset(docs) for qid, docs in qrels_positives(data.qrels, relevance_level).items()}
         self.items = [(qid, doc) for qid, docs in self.positives.items() for doc in sorted(docs)]
         if not self.items:
             raise ResearchError(f"{data.path}: no query of split '{data.split}' has a document with relevance >= {relevance_level}")
         super().__init__(data, len(self.items), seed)
         self.group_size = group_size
         self.windows: dict[str, list[str]] = {}
-        for qid in self.positives:
-            ranked = [d for d, _ in ranking(candidates.get(qid, {}), negative_rank_max)]
-            for doc_id in ranked:
-                if doc_id not in data.corpus:
-                    raise ResearchError(f"candidate document '{doc_id}' (query '{qid}') is not in {data.path / 'corpus.jsonl'}")
-            self.windows[qid] = [d for d in ranked[negative_rank_min - 1:] if d not in self.positives[qid]]
+        for qid in data.qrels:  # every judged query's candidates are checked, with or without a positive
+            ranked = ranked_candidates(data, candidates, qid, negative_rank_max)
+            self.windows[qid] = [d for d in ranked[negative_rank_min - 1:] if d not in self.positives.get(qid, ())]
         self._doc_ids = list(data.corpus)
         if len(self._doc_ids) <= max(len(p) for p in self.positives.values()) + group_size - 1:
             raise ResearchError(f"{data.path}: corpus too small for groups of {group_size}")
@@ -266,6 +258,11 @@ class RerankingDataModule(L.LightningDataModule):
 
     val_dataloader = _eval_dataloader
     test_dataloader = _eval_dataloader
+
+    def evaluation_target(self) -> EvaluationTarget:
+        """The qrels and relevance level that the module's validation/test re-rankings are scored against."""
+        assert self.eval_data is not None, "eval_split is None"
+        return EvaluationTarget(self.eval_data.qrels, self.hparams.relevance_level)
 
 
 class ListwiseDataModule(RerankingDataModule):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +16,7 @@ from datamodules.loader import ResumableDataLoader
 from research.data.batches import EncodeBatch, GroupBatch
 from research.data.beir import RetrievalDataset, load_dataset
 from research.data.groups import TrainingGroup, groups_from_qrels, read_groups
+from research.data.trec import Qrels
 from research.errors import ResearchError
 from research.seeds import stable_seed
 
@@ -150,6 +152,15 @@ class EncodeDataset(Dataset):
         return self.batches[index]
 
 
+@dataclass(frozen=True)
+class EvaluationTarget:
+    """What a LightningModule scores its validation/test runs against, handed over by the DataModules'
+    ``evaluation_target()``: the eval split's qrels and the lowest grade that counts as relevant."""
+
+    qrels: Qrels
+    relevance_level: int
+
+
 class RetrievalDataModule(L.LightningDataModule):
     """Trains on groups built from BEIR qrels (plus an optional groups JSONL of hard negatives); evaluates on a split.
 
@@ -224,3 +235,8 @@ class RetrievalDataModule(L.LightningDataModule):
 
     val_dataloader = _eval_dataloader
     test_dataloader = _eval_dataloader
+
+    def evaluation_target(self) -> EvaluationTarget:
+        """The qrels and relevance level that the module's validation/test runs are scored against."""
+        assert self.eval_data is not None, "eval_split is None"
+        return EvaluationTarget(self.eval_data.qrels, self.hparams.relevance_level)

@@ -3,33 +3,23 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from functools import partial
 
-import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import (
-    DeepSpeedStrategy,
-    FSDPStrategy,
-    ModelParallelStrategy,
-    ParallelStrategy,
-)
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
-from transformers import get_linear_schedule_with_warmup
 
+from modules.base import RankingModule
 from research.data.batches import EncodeBatch, GroupBatch
-from research.eval.evaluation import (
-    DEFAULT_METRICS,
-    Evaluation,
-    dense_search,
-    evaluate_run,
-)
+from research.data.trec import Run
+from research.eval.metrics import DEFAULT_METRICS
 from research.losses import InfoNCE, RankingLoss
 from research.models.bi_encoder import BiEncoder
 from research.models.compile import compile_in_place
 from research.models.fast_dropout import use_fast_dropout
+from research.retrieval.dense import dense_search
 from research.training.distributed import (
     all_gather_rows,
     gather_group_batch,
@@ -39,9 +29,17 @@ from research.training.distributed import (
 )
 from research.training.embedding_cache import EmbeddingCache, fingerprint
 from research.training.gradcache import GradCache
+from research.training.sharding import (
+    data_parallel_mesh,
+    full_state_dicts,
+    fully_shard_towers,
+    no_gradient_sync,
+)
+
+Encoded = tuple[bool, list[str], Tensor]  # one eval batch: is_query, its ids, their embeddings (CPU)
 
 
-class BiEncoderModule(L.LightningModule):
+class BiEncoderModule(RankingModule):
     """Contrastive training of a :class:`BiEncoder`; evaluation by exact faiss search over the eval split.
 
     Args:
@@ -112,8 +110,8 @@ class BiEncoderModule(L.LightningModule):
             raise ValueError("shared_towers=False needs a model saved with separate towers")
         self.loss = loss if loss is not None else InfoNCE()
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)), requires_grad=learn_temperature)
-        self._encoded: dict[bool, tuple[list[str], list[Tensor]]] = {}
-        self.last_evaluation: Evaluation | None = None
+        self._cached_corpus: tuple[list[str], Tensor] | None = None  # this evaluation's corpus embeddings, if cached
+        self._cache_key: str | None = None
         self._full_state: dict[str, dict[str, Tensor]] | None = None  # gathered weights of sharded towers, for saving
         if gradient_checkpointing:  # non-reentrant: safe with DDP, FSDP and several backward passes (GradCache)
             for tower in self.towers():
@@ -197,24 +195,21 @@ class BiEncoderModule(L.LightningModule):
     def _loss(self, batch: GroupBatch, queries: Tensor, documents: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss to backpropagate (local mean times the rank scale) and its named terms (unscaled, for logging)."""
         scores, targets, mask, loss_scale = self._score(batch, queries, documents)
-        terms = self.loss.terms(scores, targets, mask)
-        loss = torch.stack(list(terms.values())).sum()
+        terms = self.loss_terms(scores, targets, mask)
+        loss = self.total(terms)
         return loss * loss_scale if loss_scale != 1.0 else loss, terms
 
-    def _log_training(self, batch: GroupBatch, terms: dict[str, Tensor]) -> None:
-        loss = torch.stack([t.detach() for t in terms.values()]).sum()
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
-        if len(terms) > 1:
-            self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=len(batch))
+    def log_training(self, terms: dict[str, Tensor], batch_size: int) -> None:
+        super().log_training(terms, batch_size)
         if self.hparams.learn_temperature:
-            self.log("train/temperature", 1.0 / self.scale.detach(), batch_size=len(batch))
+            self.log("train/temperature", 1.0 / self.scale.detach(), batch_size=batch_size)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: GroupBatch, batch_idx: int) -> Tensor | None:
         if not self.automatic_optimization:
             return self._gradcache_step(batch)
         loss, terms = self._loss(batch, *self.embed(batch))
-        self._log_training(batch, terms)
+        self.log_training(terms, len(batch))
         return loss
 
     def setup(self, stage: str) -> None:
@@ -260,7 +255,7 @@ class BiEncoderModule(L.LightningModule):
         optimizer.step()  # runs on_before_optimizer_step (clipping) after precision unscaling
         if scheduler is not None:
             scheduler.step()
-        self._log_training(batch, logged["terms"])
+        self.log_training(logged["terms"], len(batch))
 
     def _encode_chunk(self, inputs: dict[str, Tensor], is_query: bool) -> Tensor:
         """Embed one chunk of a batch tokenized as a whole, without the padding columns it does not need."""
@@ -269,31 +264,10 @@ class BiEncoderModule(L.LightningModule):
             inputs = {k: v[:, :length] for k, v in inputs.items()}
         return self.encoder.encode(inputs, is_query)
 
-    @contextmanager
-    def _no_sync(self) -> Iterator[None]:
-        """No gradient synchronisation for a GradCache chunk's backward (the last chunk syncs the accumulated sum).
-
-        DDP: ``strategy.block_backward_sync()``, i.e. ``DistributedDataParallel.no_sync`` (Lightning's manual
-        optimisation prepares the reducer in ``manual_backward`` only outside it). fully_shard: each sharded
-        module's ``set_requires_gradient_sync(False)``. One device: nothing to do.
-        """
-        strategy = self.trainer.strategy
-        if isinstance(strategy, ModelParallelStrategy):
-            from torch.distributed.fsdp import FSDPModule
-
-            sharded = [m for m in self.modules() if isinstance(m, FSDPModule)]
-            for module in sharded:
-                module.set_requires_gradient_sync(False, recurse=False)
-            try:
-                yield
-            finally:
-                for module in sharded:
-                    module.set_requires_gradient_sync(True, recurse=False)
-        elif isinstance(strategy, ParallelStrategy):
-            with strategy.block_backward_sync():
-                yield
-        else:  # one device: nothing to synchronise
-            yield
+    def _no_sync(self) -> AbstractContextManager[None]:
+        """No gradient synchronisation for a GradCache chunk's backward (the last chunk syncs the accumulated sum):
+        :func:`research.training.sharding.no_gradient_sync` under this trainer's strategy."""
+        return no_gradient_sync(self, self.trainer.strategy)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if isinstance(self.trainer.strategy, ModelParallelStrategy) and self.log_scale.grad is not None and is_distributed():
@@ -309,27 +283,10 @@ class BiEncoderModule(L.LightningModule):
         each transformer block (the backbone's ``_no_split_modules``) and then each tower, over the data-parallel mesh.
         Then, with ``torch_compile``, compile each tower."""
         if self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
-            self._shard_towers()
+            fully_shard_towers(self.towers(), data_parallel_mesh(self.device_mesh, "BiEncoderModule"))
         if self.hparams.torch_compile:
             for tower in self.towers():
                 compile_in_place(tower)
-
-    def _shard_towers(self) -> None:
-        from torch.distributed.fsdp import FSDPModule, fully_shard
-
-        mesh = self.device_mesh
-        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() != 1:
-            raise ValueError("BiEncoderModule shards over data parallelism only: use tensor_parallel_size=1 "
-                             "(research.training.strategies.FullyShardStrategy)")
-        data_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
-        for tower in self.towers():
-            if isinstance(tower, FSDPModule):  # configure_model runs again on a second fit/test
-                continue
-            blocks = set(getattr(tower, "_no_split_modules", None) or ())
-            for module in list(tower.modules()):
-                if module is not tower and type(module).__name__ in blocks:
-                    fully_shard(module, mesh=data_mesh)
-            fully_shard(tower, mesh=data_mesh)
 
     # evaluation: encode queries and corpus in steps, search and score at epoch end
     def _start_evaluation(self) -> None:
@@ -349,77 +306,34 @@ class BiEncoderModule(L.LightningModule):
     def on_test_start(self) -> None:
         self._start_evaluation()
 
-    def _encode_step(self, batch: EncodeBatch) -> None:
-        if not batch.is_query and getattr(self, "_cached_corpus", None) is not None:
-            return
-        ids, embeddings = self._encoded.setdefault(batch.is_query, ([], []))
-        ids.extend(batch.ids)
-        embeddings.append(self.encoder(batch.texts, batch.is_query).float().cpu())
+    def evaluation_step(self, batch: EncodeBatch) -> Encoded | None:
+        if not batch.is_query and self._cached_corpus is not None:
+            return None  # the cached corpus embeddings stand in for the corpus batches
+        return batch.is_query, batch.ids, self.encoder(batch.texts, batch.is_query).float().cpu()
 
-    def validation_step(self, batch: EncodeBatch, batch_idx: int) -> None:
-        self._encode_step(batch)
-
-    def test_step(self, batch: EncodeBatch, batch_idx: int) -> None:
-        self._encode_step(batch)
-
-    def _evaluate(self, stage: str) -> None:
-        encoded, self._encoded = self._encoded, {}
-        cached, key = getattr(self, "_cached_corpus", None), getattr(self, "_cache_key", None)
-        if cached is not None:
-            encoded[False] = (cached[0], [cached[1]])
-        if True not in encoded or False not in encoded:
-            return
-        datamodule = self.trainer.datamodule
-        query_ids, query_emb = encoded[True][0], torch.cat(encoded[True][1])
-        doc_ids, doc_emb = encoded[False][0], torch.cat(encoded[False][1])
-        if cached is None and key is not None and self.trainer.is_global_zero:
-            EmbeddingCache().save(key, doc_ids, doc_emb)
-        run = dense_search(query_emb, doc_emb, query_ids, doc_ids, k=self.hparams.eval_top_k)
-        self.last_evaluation = evaluate_run(run, datamodule.eval_data.qrels, self.hparams.metrics, datamodule.hparams.relevance_level)
-        self.log_dict({f"{stage}/{k}": v for k, v in self.last_evaluation.metrics.aggregate.items()}, sync_dist=False)
-
-    def on_validation_epoch_end(self) -> None:
-        self._evaluate("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._evaluate("test")
-
-    def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.dim() < 2 or "LayerNorm" in name or name == "log_scale" else decay).append(param)
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if self._offloads_optimizer():  # ZeRO-Offload refuses torch optimizers: DeepSpeed's CPU AdamW, same update
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            optimizer = DeepSpeedCPUAdam(groups, lr=self.hparams.lr, adamw_mode=True)
+    def evaluation_runs(self, collected: list[Encoded]) -> dict[str, Run]:
+        """Exact inner-product search of the queries over the corpus, encoded in this epoch or taken from the cache
+        (which a fresh encoding fills, when enabled)."""
+        queries = [(ids, emb) for is_query, ids, emb in collected if is_query]
+        documents = [(ids, emb) for is_query, ids, emb in collected if not is_query]
+        if not queries or (self._cached_corpus is None and not documents):
+            return {}
+        if self._cached_corpus is not None:
+            doc_ids, doc_emb = self._cached_corpus
         else:
-            optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _offloads_optimizer(self) -> bool:
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if not isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy.config, dict):
-            return False
-        offload = strategy.config.get("zero_optimization", {}).get("offload_optimizer") or {}
-        return offload.get("device", "none") not in ("none", None)
+            doc_ids, doc_emb = [i for ids, _ in documents for i in ids], torch.cat([emb for _, emb in documents])
+            if self._cache_key is not None and self.trainer.is_global_zero:
+                EmbeddingCache().save(self._cache_key, doc_ids, doc_emb)
+        query_ids, query_emb = [i for ids, _ in queries for i in ids], torch.cat([emb for _, emb in queries])
+        return {self.main_run: dense_search(query_emb, doc_emb, query_ids, doc_ids, k=self.hparams.eval_top_k)}
 
     def on_fit_end(self) -> None:
         """Under fully_shard the towers hold shards: gather full weights now, while every rank takes part, so that
         rank 0 alone can ``save_pretrained`` afterwards (the CLI saves on rank 0 only)."""
         if not isinstance(self.trainer.strategy, ModelParallelStrategy) or not is_distributed():
             return
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-        )
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors on rank 0 only
-        self._full_state = {name: get_model_state_dict(getattr(self.encoder, name), options=options)
-                            for name in ("query_encoder", "document_encoder") if getattr(self.encoder, name) is not None}
+        self._full_state = full_state_dicts({name: getattr(self.encoder, name) for name in ("query_encoder", "document_encoder")
+                                             if getattr(self.encoder, name) is not None})
 
     def save_pretrained(self, directory) -> None:
         if self._full_state is None:

@@ -3,23 +3,21 @@ re-ranking candidates at a chosen exit layer."""
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from torch import Tensor
-from transformers import get_linear_schedule_with_warmup
 
+from modules.base import RankingModule, ScoredPairs
 from research.data.batches import PairBatch, PairGroupBatch
-from research.eval.evaluation import DEFAULT_METRICS, Evaluation, evaluate_run
+from research.data.candidates import pairs_to_run
+from research.data.trec import Run
+from research.eval.evaluation import Evaluation
+from research.eval.metrics import DEFAULT_METRICS
 from research.losses import KLDistillation, ListwiseSoftmaxCE, RankingLoss
-from research.models.llm_reranker import (
-    LORA_TARGETS,
-    LayerwiseLLMReranker,
-    LoraSettings,
-)
-from research.retrieval.rerank import CandidatePair, pairs_to_run
+from research.models.llm_config import LORA_TARGETS, LoraSettings
+from research.models.llm_reranker import LayerwiseLLMReranker
 
 
-class LLMRerankerModule(L.LightningModule):
+class LLMRerankerModule(RankingModule):
     """Trains a :class:`LayerwiseLLMReranker` on grouped batches (``datamodules.reranking``); validation/test re-rank
     the datamodule's candidates at ``exit_layer``.
 
@@ -41,6 +39,8 @@ class LLMRerankerModule(L.LightningModule):
         lr: learning rate of the backbone / adapters; head_lr: of the layer heads (default ``lr``).
         dtype: backbone weights' type (``float32``; with ``bf16-mixed`` precision the compute is bfloat16).
     """
+
+    log_every_term = True  # train/{ranking term} too when there is no self-distillation term
 
     def __init__(
         self,
@@ -88,20 +88,12 @@ class LLMRerankerModule(L.LightningModule):
         self.reranker._check_exit_layer(self.exit_layer)
         self.loss = loss if loss is not None else ListwiseSoftmaxCE()
         self.distill = KLDistillation(temperature=distill_temperature, name="self_distillation")
-        self._scored: list[tuple[list[str], list[str], Tensor]] = []
-        self.last_evaluation: Evaluation | None = None
-        self.layer_evaluations: dict[int, Evaluation] = {}
+        self.main_run = self._layer_run(self.exit_layer)
 
     # ------------------------------------------------------------------ training
     def score_batch(self, batch: PairGroupBatch) -> Tensor:
         """Scores ``[Q, G, L]`` of every scored layer (0 at masked positions); only the real pairs are run."""
-        queries = [q for q, docs in zip(batch.queries, batch.documents) for _ in docs]
-        documents = [d for docs in batch.documents for d in docs]
-        scores = self.reranker.score_texts(queries, documents)  # [N, L], float32
-        mask = batch.mask.to(scores.device)
-        out = torch.zeros(*mask.shape, scores.shape[1], device=scores.device, dtype=scores.dtype)
-        out[mask] = scores
-        return out
+        return self.score_groups(batch, self.reranker.score_texts)  # [N, L] float32 per pair
 
     def loss_terms(self, scores: Tensor, targets: Tensor, mask: Tensor) -> dict[str, Tensor]:
         """Ranking terms on the final layer, ``self_distillation`` (weighted mean KL) and ``kl_layer{l}`` (unweighted,
@@ -120,70 +112,42 @@ class LLMRerankerModule(L.LightningModule):
     def total(terms: dict[str, Tensor]) -> Tensor:
         return torch.stack([v for k, v in terms.items() if not k.startswith("kl_layer")]).sum()
 
-    def training_step(self, batch: PairGroupBatch, batch_idx: int) -> Tensor:
-        scores = self.score_batch(batch)
-        targets, mask = batch.targets.to(scores.device), batch.mask.to(scores.device)
-        terms = self.loss_terms(scores, targets, mask)
-        loss = self.total(terms)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch))
-        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=len(batch))
-        return loss
-
     # ------------------------------------------------------------------ evaluation
-    def _score_step(self, batch: PairBatch) -> None:
+    def evaluation_step(self, batch: PairBatch) -> ScoredPairs:
         scores = self.reranker.score_texts(batch.queries, batch.documents, self._eval_layers())
-        self._scored.append((batch.query_ids, batch.doc_ids, scores.float().cpu()))
+        return batch.query_ids, batch.doc_ids, scores.float().cpu()
 
     def _eval_layers(self) -> list[int]:
         """Every scored layer up to the exit layer (one pass, blocks up to the exit layer only), exit layer last."""
         return [l for l in self.reranker.layers if l < self.exit_layer] + [self.exit_layer]
 
-    def validation_step(self, batch: PairBatch, batch_idx: int) -> None:
-        self._score_step(batch)
+    @staticmethod
+    def _layer_run(layer: int) -> str:
+        return f"layer{layer}"
 
-    def test_step(self, batch: PairBatch, batch_idx: int) -> None:
-        self._score_step(batch)
+    def evaluation_runs(self, collected: list[ScoredPairs]) -> dict[str, Run]:
+        """One run per layer of :meth:`_eval_layers`, from the same pass (logged as ``{stage}/{metric}/layer{l}``)."""
+        pairs, scores = self.scored_pairs(collected)
+        return {self._layer_run(layer): pairs_to_run(pairs, scores[:, i].tolist()) for i, layer in enumerate(self._eval_layers())}
 
-    def _evaluate(self, stage: str) -> None:
-        scored, self._scored = self._scored, []
-        if not scored:
-            return
-        datamodule = self.trainer.datamodule
-        pairs = [CandidatePair(q, d) for query_ids, doc_ids, _ in scored for q, d in zip(query_ids, doc_ids)]
-        scores = torch.cat([s for _, _, s in scored])
-        qrels, level = datamodule.eval_data.qrels, datamodule.hparams.relevance_level
-        self.layer_evaluations = {
-            layer: evaluate_run(pairs_to_run(pairs, scores[:, i].tolist()), qrels, self.hparams.metrics, level)
-            for i, layer in enumerate(self._eval_layers())
-        }
-        self.last_evaluation = self.layer_evaluations[self.exit_layer]
-        self.log_dict({f"{stage}/{k}": v for k, v in self.last_evaluation.metrics.aggregate.items()}, sync_dist=False)
-        for layer, evaluation in self.layer_evaluations.items():
-            self.log_dict({f"{stage}/{k}/layer{layer}": v for k, v in evaluation.metrics.aggregate.items()}, sync_dist=False)
-
-    def on_validation_epoch_end(self) -> None:
-        self._evaluate("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._evaluate("test")
+    @property
+    def layer_evaluations(self) -> dict[int, Evaluation]:
+        """Every scored layer's evaluation up to the exit layer (exit layer last) from the latest validation or test."""
+        return {layer: self.evaluations[self._layer_run(layer)] for layer in self._eval_layers()
+                if self._layer_run(layer) in self.evaluations}
 
     # ------------------------------------------------------------------ optimisation, saving
-    def configure_optimizers(self):
-        heads, decay, no_decay = [], [], []
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            if name.startswith("reranker.heads."):
-                heads.append(param)
-            else:
-                (no_decay if param.dim() < 2 or "norm" in name.lower() else decay).append(param)
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0},
-                  {"params": heads, "weight_decay": 0.0, "lr": self.hparams.head_lr or self.hparams.lr}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def no_weight_decay(self, name: str, param: Tensor) -> bool:
+        return param.dim() < 2 or "norm" in name.lower()  # RMSNorm weights are "norm", not "LayerNorm"
+
+    def parameter_groups(self) -> list[dict]:
+        """The weight-decay groups of the backbone / adapters, and the layer heads in a group of their own
+        (``head_lr``, no weight decay); empty groups are left out."""
+        trainable = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        heads = [p for name, p in trainable if name.startswith("reranker.heads.")]
+        groups = self.weight_decay_groups((name, p) for name, p in trainable if not name.startswith("reranker.heads."))
+        groups.append({"params": heads, "weight_decay": 0.0, "lr": self.hparams.head_lr or self.hparams.lr})
+        return [g for g in groups if g["params"]]
 
     def save_pretrained(self, directory) -> None:
         """The reranker directory (LoRA: adapter + reference to the base), loadable by ``research rerank``."""

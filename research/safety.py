@@ -9,8 +9,8 @@ and must never reach a saved config, ``run_info.json``, a checkpoint, a log or a
 
 with ``***``. :func:`redact_argv` does the same for a command line (``--judge.api_key=...``, ``--token X``).
 
-**Loading.** :func:`load_torch_file` is ``torch.load(weights_only=True)``: tensors and plain containers only, no
-pickled code. Hugging Face weights load from safetensors (transformers reads ``*.bin`` with ``weights_only=True``),
+**Loading.** Checkpoints load through ``research.training.callbacks.AtomicCheckpointIO`` with
+``torch.load(weights_only=True)``: tensors and plain containers only, no pickled code. Hugging Face weights load from safetensors (transformers reads ``*.bin`` with ``weights_only=True``),
 and ``trust_remote_code`` is off unless a config turns it on: a model folder whose ``config.json`` maps classes to
 its own code (``auto_map``) loads the built-in class of a known architecture, or is refused (one line from the CLI).
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 REDACTED = "***"
@@ -148,8 +147,3 @@ def find_secrets(obj: Any, path: str = "") -> list[str]:
 
 
 # ---------------------------------------------------------------- safe loading
-def load_torch_file(path: str | Path, map_location: Any = "cpu") -> Any:
-    """``torch.load`` restricted to tensors and plain containers (``weights_only=True``): a crafted file runs no code."""
-    import torch
-
-    return torch.load(path, map_location=map_location, weights_only=True)

@@ -22,10 +22,11 @@ import yaml
 from research.cli.main import main
 from research.data.beir import Document, RetrievalDataset, load_dataset
 from research.data.trec import read_run
-from research.eval.evaluation import dense_search, evaluate_run, save_evaluation
+from research.eval.evaluation import evaluate_run, save_evaluation
 from research.eval.metrics import compute_metrics
 from research.models.bi_encoder import BiEncoder
 from research.retrieval.bm25 import BM25Config, bm25_search
+from research.retrieval.dense import dense_search
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ["nDCG@10", "RR@10", "R@100", "AP@100"]

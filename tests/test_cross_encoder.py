@@ -28,15 +28,9 @@ from research.eval.evaluation import evaluate_run
 from research.losses import CombinedLoss, ListwiseSoftmaxCE, PointwiseBCE, RankNet
 from research.models.bi_encoder import BiEncoder, BiEncoderConfig
 from research.models.cross_encoder import CrossEncoder, CrossEncoderConfig
+from research.models.scorers import BiEncoderLoader, BiEncoderScorer, CrossEncoderLoader, load_scorer
 from research.retrieval.fusion import interpolate
-from research.retrieval.rerank import (
-    BiEncoderLoader,
-    BiEncoderScorer,
-    CrossEncoderLoader,
-    candidate_run,
-    load_scorer,
-    rerank_run,
-)
+from research.retrieval.rerank import candidate_run, rerank_run
 
 WORDS = ("the a of in and is to with cell cells protein proteins gene genes cancer tumor dna rna mouse mice human "
          "study effect effects blood heart brain risk disease drug treatment increase decrease level levels virus "

@@ -54,10 +54,10 @@ def test_minilm_on_a_scifact_slice(tmp_path, monkeypatch):
 
     from research.data.beir import load_dataset
     from research.data.trec import truncate_run
-    from research.eval.evaluation import dense_search
     from research.eval.metrics import compute_metrics
     from research.models.bi_encoder import BiEncoder
     from research.models.pretrained import resolve_model
+    from research.retrieval.dense import dense_search
 
     _write_slice(source, tmp_path / "root" / "scifact")
     monkeypatch.setenv("RESEARCH_DATA_DIR", str(tmp_path / "root"))

@@ -11,8 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from research.zelo.judges import Ensemble, JudgeError, ScoreJudge
-from research.zelo.llm_judge import ChatJudge
+from research.zelo.judges import ChatJudge, Ensemble, JudgeError, ScoreJudge
 
 SHOWN = re.compile(r"Document A:\n(?P<a>.*)\n\nDocument B:\n(?P<b>.*)\n\nWhich", re.S)
 

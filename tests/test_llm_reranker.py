@@ -10,15 +10,9 @@ import torch
 from torch import nn
 
 from research.losses import ListwiseSoftmaxCE
-from research.models.llm_reranker import (
-    CONFIG_NAME,
-    LayerwiseLLMReranker,
-    LLMRerankerConfig,
-    LoraSettings,
-    YesLogit,
-    YesNoLogOdds,
-    scored_layers,
-)
+from research.models.llm_config import CONFIG_NAME, LLMRerankerConfig, LoraSettings, scored_layers
+from research.models.llm_readout import YesLogit, YesNoLogOdds
+from research.models.llm_reranker import LayerwiseLLMReranker
 
 SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
 WORDS = ("system user assistant Query Document Is the relevant to ? Answer Yes or No . : , \" only whether it answers "
@@ -312,7 +306,7 @@ def test_lora_adapters_save_reload_and_merge_with_identical_scores(backbone_dir,
 
 
 def test_rerank_loader_recognizes_saved_rerankers(llama_dir, tmp_path):
-    from research.retrieval.rerank import LLMRerankerLoader, ScorerOptions, load_scorer
+    from research.models.scorers import LLMRerankerLoader, ScorerOptions, load_scorer
 
     reranker = load(llama_dir, lora=LoraSettings(rank=2), start_layer=2)
     reranker.save_pretrained(tmp_path / "saved")
@@ -417,7 +411,8 @@ def test_module_trains_logs_each_term_and_evaluates_at_the_exit_layer(llama_dir,
     from datamodules.reranking import candidate_run
     from research.data.beir import load_dataset
     from research.eval.evaluation import evaluate_run
-    from research.retrieval.rerank import LLMRerankerLoader, rerank_run
+    from research.models.scorers import LLMRerankerLoader
+    from research.retrieval.rerank import rerank_run
 
     module = _module(llama_dir, exit_layer=3)
     data = _datamodule(tiny_beir_dir)

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from research.losses import (
     CombinedLoss,
-    ContrastiveTensionLoss,
     GISTEmbedLoss,
     InfoNCE,
     KLDistillation,
@@ -140,7 +139,7 @@ def ref_kl(S, T, M, temperature=2.0):
             p = _softmax([t[j] / temperature for j in valid])
             q = _softmax([s[j] / temperature for j in valid])
             rows.append(sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)))
-    return _mean(rows)
+    return temperature ** 2 * _mean(rows)  # Hinton et al.'s T^2 factor
 
 
 def ref_ranknet(S, T, M):
@@ -208,7 +207,6 @@ CASES = {
     "InfoNCE": (InfoNCE, "binary", ref_info_nce),
     "SymmetricInfoNCE": (SymmetricInfoNCE, "binary", ref_symmetric),
     "TripletLoss": (lambda: TripletLoss(margin=1.0), "binary", ref_triplet),
-    "ContrastiveTensionLoss": (ContrastiveTensionLoss, "binary", ref_bce),
     "MarginMSE": (MarginMSE, "teacher", ref_margin_mse),
     "KLDistillation": (lambda: KLDistillation(temperature=2.0), "teacher", ref_kl),
     "PointwiseBCE": (PointwiseBCE, "normalised", ref_bce),
@@ -392,3 +390,26 @@ def test_combined_loss_from_config():
     scores, targets, mask = _inputs("binary")
     expected = ref_info_nce(SCORES, BINARY, MASK) + 0.5 * ref_triplet(SCORES, BINARY, MASK, 0.2)
     assert loss(scores, targets, mask).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_kl_distillation_carries_hintons_t_squared_factor():
+    """At T = 2 the loss is 4x the plain KL of the softened distributions (hand-computed), at T = 1 the plain KL."""
+    scores, teacher = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[1.0, 1.0, 0.0]])
+
+    def plain_kl(temperature: float) -> float:
+        p = torch.softmax(teacher / temperature, -1)
+        q = torch.softmax(scores / temperature, -1)
+        return float((p * (p.log() - q.log())).sum())
+
+    assert KLDistillation(temperature=2.0)(scores, teacher).item() == pytest.approx(4 * plain_kl(2.0), rel=1e-5)
+    assert KLDistillation(temperature=1.0)(scores, teacher).item() == pytest.approx(plain_kl(1.0), rel=1e-5)
+
+
+def test_lambda_loss_scale_against_allranks_binary_log_sum():
+    """allRank's defaults (log2, sum over the batch) give this loss times (queries with a pair) / ln 2."""
+    S, T, M = SCORES[:3], GRADED[:3], [[1] * len(SCORES[0])] * 3
+    ours = LambdaLoss()(torch.tensor(S), torch.tensor(T)).item()
+    queries = sum(1 for t in T if len(set(t)) > 1)
+    # allRank: per query the sum of log2 terms, summed over the batch
+    allrank = sum(ref_lambda([s], [t], [m]) / math.log(2) for s, t, m in zip(S, T, M))
+    assert ours * queries / math.log(2) == pytest.approx(allrank, rel=1e-5)

@@ -19,12 +19,7 @@ from research.data.trec import (
     write_run,
 )
 from research.errors import DataFormatError
-from research.eval.metrics import (
-    MetricsResult,
-    compute_metrics,
-    paired_per_query,
-    parse_metric,
-)
+from research.eval.metrics import compute_metrics, parse_metric
 
 PYTREC = {"nDCG@10": "ndcg_cut_10", "nDCG@5": "ndcg_cut_5", "R@100": "recall_100", "R@20": "recall_20",
           "AP@100": "map_cut_100", "AP@10": "map_cut_10", "P@5": "P_5", "P@30": "P_30"}
@@ -133,19 +128,6 @@ def test_convention_and_names():
             compute_metrics(run, qrels, [bad])
     with pytest.raises(ValueError, match="NaN"):
         compute_metrics({"hit": {"a": float("nan")}}, qrels)
-
-
-def test_paired_per_query():
-    qrels = {"q2": {"a": 1}, "q1": {"b": 1}, "q3": {"c": 0}}
-    a = compute_metrics({"q1": {"b": 1.0}, "q2": {"x": 1.0, "a": 0.0}}, qrels, ["RR@10"])
-    b = compute_metrics({"q2": {"a": 1.0}}, qrels, ["RR@10"])
-    x, y = paired_per_query(a, b, "rr@10")
-    np.testing.assert_array_equal(x, [1.0, 0.5])
-    np.testing.assert_array_equal(y, [0.0, 1.0])
-    with pytest.raises(ValueError, match="missing"):
-        paired_per_query(a, b, "nDCG@10")
-    with pytest.raises(ValueError, match="different queries"):
-        paired_per_query(a, MetricsResult({}, {"q1": {"RR@10": 1.0}}, 1), "RR@10")
 
 
 def test_run_round_trip(tmp_path):

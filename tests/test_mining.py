@@ -14,16 +14,10 @@ from helpers import make_tiny_beir, tiny_bert, tiny_tokenizer, write_jsonl
 from research.cli.main import main
 from research.data.beir import load_dataset
 from research.data.groups import read_groups
-from research.retrieval.mining import (
-    FILTERS,
-    DenseIndex,
-    MiningConfig,
-    MiningStats,
-    mine,
-    mine_batch,
-    positives_and_excluded,
-    run_to_groups,
-)
+from research.retrieval.dense import DenseIndex
+from research.retrieval.mining import mine, mine_batch
+from research.retrieval.negatives import FILTERS, MiningConfig, MiningStats, positives_and_excluded
+from research.retrieval.run_groups import run_to_groups
 
 THREE = "train_q_space_0"  # given three positives below
 
@@ -194,7 +188,7 @@ def test_output_reads_back_and_trains_with_teacher_scores(world, tmp_path):
 
 
 def test_rescorer_filter_and_teacher_scores_match_pair_by_pair(world, tmp_path, capsys):
-    from research.retrieval.rerank import load_scorer
+    from research.models.scorers import load_scorer
 
     ce = load_scorer(world["ce"])
     data = world["data"]
@@ -223,7 +217,7 @@ def test_rescorer_filter_and_teacher_scores_match_pair_by_pair(world, tmp_path, 
 
 
 def test_score_command_equals_scoring_pair_by_pair(world, tmp_path):
-    from research.retrieval.rerank import load_scorer
+    from research.models.scorers import load_scorer
 
     data = world["data"]
     groups = tmp_path / "in.jsonl"

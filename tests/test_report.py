@@ -15,14 +15,8 @@ import yaml
 from scipy import stats
 
 from research.errors import ResearchError
-from research.runs.report import (
-    find_runs,
-    holm,
-    make_report,
-    paired_randomization_test,
-    paired_ttest,
-    summarize,
-)
+from research.eval.significance import holm, paired_randomization_test, paired_ttest
+from research.runs.report import find_runs, make_report, summarize
 
 QUERIES = [f"q{i}" for i in range(8)]
 

@@ -10,7 +10,7 @@ import yaml
 
 from research.data.trec import write_run
 from research.eval.metrics import compute_metrics
-from research.runs import reproduce as reproduce_mod
+from research.runs import layout
 from research.runs.reproduce import (
     BaselineError,
     BM25Row,
@@ -125,7 +125,7 @@ def test_relevance_level_and_pass_fail_exit_code(tmp_path, capsys):
 
 def test_failing_command_is_an_error_row(tmp_path, monkeypatch):
     graded_data(tmp_path)
-    monkeypatch.setattr(reproduce_mod, "PROGRAM", ["false"])
+    monkeypatch.setattr(layout, "RESEARCH_PROGRAM", ["false"])
     path = write_file(tmp_path, [{"name": "broken", "kind": "bm25", "metrics": {"nDCG@10": 0.5}}])
     assert reproduce(path, out=tmp_path / "out") == 1
     assert "exit code 1" in (tmp_path / "out" / "reproduce.md").read_text()

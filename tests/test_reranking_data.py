@@ -19,6 +19,7 @@ from datamodules.reranking import (
     RerankingDataModule,
 )
 from research.data.beir import load_dataset
+from research.data.candidates import candidate_pairs
 from research.data.formats import (
     read_listwise_groups,
     read_preferences,
@@ -27,7 +28,7 @@ from research.data.formats import (
 from research.data.trec import ranking, write_run
 from research.errors import DataFormatError, ResearchError
 from research.losses import ListwiseSoftmaxCE
-from research.retrieval.rerank import candidate_pairs, candidate_run
+from research.retrieval.rerank import candidate_run
 from research.zelo import Vote, write_votes
 
 DOC_IDS = [f"d{i}" for i in range(1, 31)]

@@ -27,7 +27,6 @@ from research.safety import (
     REDACTED,
     find_secrets,
     is_secret_key,
-    load_torch_file,
     redact,
     redact_argv,
     redact_text,
@@ -181,15 +180,13 @@ def test_crafted_checkpoint_runs_no_code(tmp_path):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"w": torch.ones(2)}, "payload": _RunsCode(marker)}, path)
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
-        load_torch_file(path)
-    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
         AtomicCheckpointIO().load_checkpoint(path)  # what `research fit --ckpt_path` loads with
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
         lightning_load(path)  # Lightning's own default (weights_only=None) under torch >= 2.6 is weights-only too
     assert not marker.exists()
     plain = tmp_path / "plain.ckpt"
     AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": {"lr": 0.1}}, plain)
-    assert load_torch_file(plain)["hyper_parameters"] == {"lr": 0.1}
+    assert AtomicCheckpointIO().load_checkpoint(plain)["hyper_parameters"] == {"lr": 0.1}
 
 
 def _custom_code_model(directory: Path, source: Path, model_type: str, marker: Path) -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from research.runs import layout
 from research.runs import sweep as sweep_mod
 from research.runs.sweep import (
     SweepError,
@@ -31,6 +32,7 @@ from research.runs.sweep import (
     status_table,
     wandb_config,
 )
+from research.runs.sweep import runner as runner_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +83,7 @@ def fake_fit(tmp_path, monkeypatch):
     script = tmp_path / "fake_fit.py"
     script.write_text(FAKE_FIT)
     log = tmp_path / "executions.jsonl"
-    monkeypatch.setattr(sweep_mod, "FIT_PROGRAM", [sys.executable, str(script)])
+    monkeypatch.setattr(layout, "RESEARCH_PROGRAM", [sys.executable, str(script)])
     monkeypatch.setenv("FAKE_FIT_LOG", str(log))
     return script, log
 
@@ -257,8 +259,8 @@ def test_killed_sweep_resumes_without_running_anything_twice(tmp_path, fake_fit,
     root = tmp_path / "runs"
     runs = [r.run_id for r in expand_runs(load_sweep(path))]
     hang = runs[2]  # the third run hangs after its checkpoint: the sweep is killed while it runs
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import research.runs.sweep as s; "
-            f"s.FIT_PROGRAM = [sys.executable, {str(script)!r}]; s.run_sweep({str(path)!r}, root={str(root)!r})")
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import research.runs.sweep as s, research.runs.layout as l; "
+            f"l.RESEARCH_PROGRAM = [sys.executable, {str(script)!r}]; s.run_sweep({str(path)!r}, root={str(root)!r})")
     env = {**os.environ, "FAKE_FIT_HANG": hang, "PYTHONPATH": str(ROOT)}
     sweep = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
@@ -302,9 +304,9 @@ def _alive(pid: int) -> bool:
 
 
 def test_one_sweep_per_folder(tmp_path):
-    with sweep_mod._exclusive(tmp_path / "s"):
+    with runner_mod._exclusive(tmp_path / "s"):
         with pytest.raises(SweepError, match="another"):
-            with sweep_mod._exclusive(tmp_path / "s"):
+            with runner_mod._exclusive(tmp_path / "s"):
                 pass
 
 

@@ -13,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from research.runs import layout
+
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     import yaml
@@ -73,7 +75,8 @@ def register(sub) -> None:
     p.add_argument("file", help="sweep YAML (W&B sweep format + configs/seeds)")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time (default 1)")
     p.add_argument("--max-runs", type=int, default=None, help="start at most N unfinished runs in this invocation")
-    p.add_argument("--root", default="runs/sweeps", help="where sweep folders live (default runs/sweeps)")
+    p.add_argument("--root", default=str(layout.SWEEPS_ROOT),
+                   help=f"where sweep folders live (default {layout.SWEEPS_ROOT})")
     p.add_argument("--status", action="store_true", help="list the runs and their state, run nothing")
     p.add_argument("--skip-failed", action="store_true", help="do not retry runs that failed before")
     p.add_argument("--wandb-config", metavar="OUT", help="write the pure W&B sweep file for `wandb sweep` and exit")
@@ -81,7 +84,7 @@ def register(sub) -> None:
     p = sub.add_parser("sweep-agent", help="one sweep run from `wandb agent` (--key=value arguments)")
     p.set_defaults(func=cmd_sweep_agent)
     p.add_argument("file", help="the sweep YAML the W&B sweep was exported from")
-    p.add_argument("--root", default="runs/sweeps")
+    p.add_argument("--root", default=str(layout.SWEEPS_ROOT))
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="--key=value parameter values from the agent")
 
     p = sub.add_parser("report", help="table (CSV, markdown), significance tests and plots of finished runs")
@@ -89,9 +92,10 @@ def register(sub) -> None:
     p.add_argument("source", help="a sweep folder, a folder of run folders, or a sweep/group name")
     p.add_argument("--baseline", default=None, help="configuration label (e.g. InfoNCE) or run id to test against")
     p.add_argument("--metrics", nargs="+", default=None, help="metrics (default: all in metrics.json)")
-    p.add_argument("--out", default=None, help="output folder (default: <source>/report)")
+    p.add_argument("--out", default=None, help=f"output folder (default: <source>/{layout.REPORT_DIR})")
     p.add_argument("--permutations", type=int, default=10000, help="paired randomization test samples")
-    p.add_argument("--root", default="runs", help="where names are looked up (runs/sweeps/<name>, runs/<name>)")
+    p.add_argument("--root", default=str(layout.RUNS_ROOT),
+                   help=f"where names are looked up ({layout.SWEEPS_ROOT}/<name>, {layout.RUNS_ROOT}/<name>)")
     p.add_argument("--title", default=None)
     p.add_argument("--reference", action="append", metavar="NAME=DIR",
                    help="add one evaluation (DIR with metrics.json + per_query.json), e.g. zero-shot=runs/x/eval")
@@ -101,7 +105,8 @@ def register(sub) -> None:
     p.add_argument("file", help="baselines YAML, e.g. experiments/baselines/scifact.yaml")
     p.add_argument("--only", nargs="+", default=None, help="run only these rows (disabled rows included)")
     p.add_argument("--all", action="store_true", help="run disabled rows too")
-    p.add_argument("--out", default=None, help="folder for the rows' outputs (default runs/reproduce/<file stem>)")
+    p.add_argument("--out", default=None,
+                   help=f"folder for the rows' outputs (default {layout.REPRODUCE_ROOT}/<file stem>)")
     p.add_argument("--table", default=None, help="also write the markdown table here")
     p.add_argument("--reuse", action="store_true", help="reuse a row's existing output instead of running it again")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from datetime import datetime
 from pathlib import Path
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -18,6 +17,7 @@ def run_lightning(argv: list[str]) -> None:
     from research.cli.retrieval import print_metrics as _print_metrics
     from research.eval.evaluation import save_evaluation
     from research.io import atomic_directory
+    from research.runs import layout
     from research.runs.resume import check_resume
     from research.training.callbacks import (
         DEFAULT_CHECKPOINT_EVERY_N_STEPS,
@@ -52,7 +52,7 @@ def run_lightning(argv: list[str]) -> None:
             config = self.config[self.subcommand]
             configs = config.get("config") or []
             name = config.get("name") or (Path(str(configs[-1])).stem if configs else self.subcommand)
-            run_dir = Path(config.get("run_dir") or Path("runs") / name / datetime.now().strftime("%Y%m%d-%H%M%S"))
+            run_dir = Path(config.get("run_dir") or layout.timestamped_run_dir(name))
             run_dir.mkdir(parents=True, exist_ok=True)
             self.run_dir = run_dir
             trainer_config = self.config_init[self.subcommand].get("trainer", {})
@@ -68,12 +68,12 @@ def run_lightning(argv: list[str]) -> None:
             install_atomic_checkpoint_io(trainer)  # temp file + fsync + rename; loads with weights_only=True
             for callback in trainer.checkpoint_callbacks:  # checkpoints live in the run directory
                 if callback.dirpath is None:
-                    callback.dirpath = str(run_dir / "checkpoints")
+                    callback.dirpath = str(run_dir / layout.CHECKPOINT_DIR)
             return trainer
 
         def _test_into(self, folder: str) -> dict[str, float] | None:
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
-            evaluation = getattr(self.model, "last_evaluation", None)
+            evaluation = self.model.last_evaluation  # the contract: modules.base.RankingModule
             if evaluation is None:
                 return None
             if self.trainer.is_global_zero:  # every rank runs the test loop (it has barriers); rank 0 writes
@@ -82,15 +82,15 @@ def run_lightning(argv: list[str]) -> None:
 
         def before_fit(self) -> None:
             self._started = time.perf_counter()
-            self._before = self._test_into("eval_before") if self.config.fit.evaluate_before_fit else None
+            self._before = self._test_into(layout.EVAL_BEFORE) if self.config.fit.evaluate_before_fit else None
             if self._before:
                 _print_metrics("before fit", self._before)
 
         def after_fit(self) -> None:
             if self.config.fit.save_model and hasattr(self.model, "save_pretrained") and self.trainer.is_global_zero:
-                with atomic_directory(self.run_dir / "model") as folder:  # a complete model, or the previous one
+                with atomic_directory(self.run_dir / layout.MODEL_DIR) as folder:  # a complete model, or the previous one
                     self.model.save_pretrained(folder)
-            after = self._test_into("eval_after") if self.config.fit.test_after_fit else None
+            after = self._test_into(layout.EVAL_AFTER) if self.config.fit.test_after_fit else None
             if not self.trainer.is_global_zero:
                 return
             if self._before:
@@ -100,9 +100,9 @@ def run_lightning(argv: list[str]) -> None:
             print(f"run directory: {self.run_dir}  wall time: {time.perf_counter() - self._started:.0f} s")
 
         def after_test(self) -> None:
-            evaluation = getattr(self.model, "last_evaluation", None)
+            evaluation = self.model.last_evaluation  # the contract: modules.base.RankingModule
             if evaluation is not None:
-                save_evaluation(self.run_dir / "eval", evaluation)
+                save_evaluation(self.run_dir / layout.EVAL_DIR, evaluation)
                 _print_metrics("test", evaluation.metrics.aggregate)
 
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # main() passes argv

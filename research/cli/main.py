@@ -25,7 +25,7 @@ def _quiet_libraries() -> None:
 
 # ---------------------------------------------------------------- other commands
 # Each module registers its subcommands with ``register(subparsers)``.
-COMMAND_MODULES = ("research.cli.retrieval", "research.cli.rerank", "research.cli.experiments",
+COMMAND_MODULES = ("research.cli.data", "research.cli.retrieval", "research.cli.rerank", "research.cli.experiments",
                    "research.cli.zelo", "research.cli.mining")
 
 

@@ -8,25 +8,19 @@ from pathlib import Path
 
 from research.cli.retrieval import print_metrics
 from research.errors import ResearchError
-from research.models.runtime import PRECISIONS, inference_autocast
+from research.models.runtime import PRECISIONS, inference_autocast, resolve_device
 
 
 def cmd_rerank(args: argparse.Namespace) -> None:
-    import torch
-
     from research.data.beir import load_dataset
     from research.data.trec import truncate_run
     from research.eval.evaluation import evaluate_run, save_evaluation
-    from research.retrieval.rerank import (
-        ScorerOptions,
-        candidate_run,
-        load_scorer,
-        rerank_run,
-    )
+    from research.models.scorers import ScorerOptions, load_scorer
+    from research.retrieval.rerank import candidate_run, rerank_run
 
     if args.top_k < 1:
         raise ResearchError(f"--top-k must be >= 1, got {args.top_k}")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     started = time.perf_counter()
     data = load_dataset(args.data, args.split)
     query_ids = list(data.judged_queries)

@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from research.errors import ResearchError
-from research.models.runtime import PRECISIONS, inference_autocast
+from research.models.runtime import PRECISIONS, resolve_device
 
 
 def _judge_specs(args: argparse.Namespace) -> list[dict]:
@@ -30,86 +29,55 @@ def _judge_specs(args: argparse.Namespace) -> list[dict]:
 
 
 def cmd_votes(args: argparse.Namespace) -> None:
-    import torch
-
-    from research.data.beir import load_dataset
-    from research.io import write_json
-    from research.zelo.judges import JudgeError, build_ensemble
-    from research.zelo.pipeline import candidate_lists, collect_votes, plan_pairs
+    from research.zelo.judges import JudgeError
+    from research.zelo.workflow import prepare_votes
 
     specs = _judge_specs(args)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     started = time.perf_counter()
-    data = load_dataset(args.data, args.split)
-    query_ids = list(data.judged_queries if args.all_queries is False else data.queries)
-    if args.max_queries is not None:
-        query_ids = query_ids[:args.max_queries]
-    candidates = candidate_lists(data, args.candidates, args.top_n, query_ids)
-    pairs = plan_pairs(candidates, cycles=args.cycles, seed=args.seed, all_pairs=args.all_pairs)
-    ensemble = build_ensemble(specs, data, device)
-    out = Path(args.out)
-    meta_path = out.with_name(out.name + ".meta.json")
-    if out.is_file() and meta_path.is_file():
-        import json
-
-        before = json.loads(meta_path.read_text(encoding="utf-8"))
-        changed = [k for k in ("candidates", "top_n", "cycles", "all_pairs", "seed", "judges")
-                   if before.get(k) != {"candidates": str(args.candidates), "top_n": args.top_n, "cycles": args.cycles,
-                                        "all_pairs": args.all_pairs, "seed": args.seed,
-                                        "judges": ensemble.describe()}[k]]
-        if changed:
-            print(f"warning: resuming {out} with different settings ({', '.join(changed)}): its earlier votes are "
-                  f"kept and their pairs skipped", file=sys.stderr)
-    # the run's settings beside the votes: judge specs name the key's environment variable, never the key
-    write_json(meta_path, {
-        "data": str(args.data), "split": args.split, "candidates": str(args.candidates), "top_n": args.top_n,
-        "cycles": args.cycles, "all_pairs": args.all_pairs, "seed": args.seed, "queries": len(candidates),
-        "pairs": len(pairs), "precision": args.precision, "judges": ensemble.describe()})
+    job = prepare_votes(args.data, args.split, specs, args.out, candidates=args.candidates, top_n=args.top_n,
+                        cycles=args.cycles, all_pairs=args.all_pairs, seed=args.seed, all_queries=args.all_queries,
+                        max_queries=args.max_queries, batch_size=args.batch_size, device=device,
+                        precision=args.precision)
+    if job.changed:
+        print(f"warning: resuming {job.out} with different settings ({', '.join(job.changed)}): its earlier votes are "
+              f"kept and their pairs skipped", file=sys.stderr)
 
     def progress(done: int, total: int) -> None:
         if not args.quiet:
             print(f"\rvotes {done}/{total}", end="", file=sys.stderr, flush=True)
 
     try:
-        with inference_autocast(args.precision, device):
-            stats = collect_votes(data, pairs, ensemble, out, batch_size=args.batch_size, progress=progress)
+        stats = job.collect(progress=progress)
     except (JudgeError, KeyboardInterrupt) as err:
         if not args.quiet:
             print(file=sys.stderr)
         if isinstance(err, KeyboardInterrupt):
             raise
-        raise ResearchError(f"{err}; the votes collected so far are in {out}: re-run the same command to resume") from None
+        raise ResearchError(f"{err}; the votes collected so far are in {job.out}: re-run the same command to resume"
+                            ) from None
     if not args.quiet:
         print(file=sys.stderr)
-    print(f"{len(candidates)} queries, {stats.planned} pairs: {stats.already} already in {out}, {stats.collected} "
-          f"collected ({time.perf_counter() - started:.1f} s)")
+    print(f"{len(job.candidates)} queries, {stats.planned} pairs: {stats.already} already in {job.out}, "
+          f"{stats.collected} collected ({time.perf_counter() - started:.1f} s)")
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
-    from research.data.votes import read_votes
-    from research.zelo.fit import fit_votes, write_scores
-    from research.zelo.pipeline import write_groups
+    from research.zelo.workflow import fit_votes_file
 
-    votes = read_votes(args.votes, allow_truncated_tail=args.allow_truncated_tail)
-    if not votes:
-        raise ResearchError(f"{args.votes}: no votes")
-    records = fit_votes(votes, model=args.model, prior_strength=args.prior)
-    count = write_scores(args.out, records)
-    queries = len({r["query_id"] for r in records})
-    print(f"{len(votes)} votes -> {count} scores over {queries} queries ({args.model}, prior {args.prior}): {args.out}")
+    fitted = fit_votes_file(args.votes, args.out, model=args.model, prior=args.prior, groups=args.groups,
+                            allow_truncated_tail=args.allow_truncated_tail)
+    print(f"{fitted.votes} votes -> {fitted.scores} scores over {fitted.queries} queries ({args.model}, prior "
+          f"{args.prior}): {args.out}")
     if args.groups:
-        write_groups(args.groups, records)
         print(f"listwise groups (fields target, elo, logit): {args.groups}")
 
 
 def cmd_qrels_groups(args: argparse.Namespace) -> None:
-    from research.data.beir import load_dataset
-    from research.io import write_jsonl
-    from research.zelo.pipeline import candidate_lists, qrels_groups
+    from research.zelo.workflow import write_qrels_groups
 
-    data = load_dataset(args.data, args.split)
-    query_ids = list(data.judged_queries)[:args.max_queries] if args.max_queries is not None else None
-    count = write_jsonl(args.out, qrels_groups(data, candidate_lists(data, args.candidates, args.top_n, query_ids)))
+    count = write_qrels_groups(args.data, args.split, args.out, candidates=args.candidates, top_n=args.top_n,
+                               max_queries=args.max_queries)
     print(f"{count} qrels-labelled candidate groups (field labels): {args.out}")
 
 

@@ -26,13 +26,22 @@ class TrainingGroup:
     scores: dict[str, float] = field(default_factory=dict)
 
 
-def groups_from_qrels(qrels: Qrels, relevance_level: int = 1) -> dict[str, TrainingGroup]:
-    groups = {}
+def qrels_positives(qrels: Qrels, relevance_level: int = 1) -> dict[str, list[str]]:
+    """Each query's positives: its documents graded ``>= relevance_level``, in qrels order; queries without any are left out.
+
+    The one definition of a positive, shared by training groups, hard-negative mining and the re-ranker DataModules.
+    """
+    positives = {}
     for query_id, docs in qrels.items():
-        positives = [doc for doc, grade in docs.items() if grade >= relevance_level]
-        if positives:
-            groups[query_id] = TrainingGroup(query_id, positives)
-    return groups
+        found = [doc for doc, grade in docs.items() if grade >= relevance_level]
+        if found:
+            positives[query_id] = found
+    return positives
+
+
+def groups_from_qrels(qrels: Qrels, relevance_level: int = 1) -> dict[str, TrainingGroup]:
+    return {query_id: TrainingGroup(query_id, positives)
+            for query_id, positives in qrels_positives(qrels, relevance_level).items()}
 
 
 def read_groups(path, queries: dict[str, str], corpus: dict) -> dict[str, TrainingGroup]:

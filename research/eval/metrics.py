@@ -25,7 +25,7 @@ import numpy as np
 
 from research.data.trec import Qrels, Run, _trec_key
 
-__all__ = ["MetricsResult", "compute_metrics", "paired_per_query", "parse_metric", "Qrels", "Run"]
+__all__ = ["MetricsResult", "compute_metrics", "parse_metric", "Qrels", "Run"]
 
 DEFAULT_METRICS = ("nDCG@10", "RR@10", "R@100", "AP@100")
 _FAMILIES = {"ndcg": "nDCG", "rr": "RR", "r": "R", "ap": "AP", "p": "P"}
@@ -118,15 +118,3 @@ def compute_metrics(run: Mapping[str, Mapping[str, float]], qrels: Mapping[str, 
     aggregate = {name: (math.fsum(q[name] for q in per_query.values()) / count if count else 0.0) for name in names}
     return MetricsResult(aggregate, per_query, count, skipped)
 
-
-def paired_per_query(a: MetricsResult, b: MetricsResult, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-query values of ``metric`` from two results over the same queries, aligned on sorted query ids."""
-    name = _canonical(metric)
-    if a.per_query.keys() != b.per_query.keys():
-        only = sorted(a.per_query.keys() ^ b.per_query.keys())
-        raise ValueError(f"results cover different queries ({len(only)} differ, e.g. {only[:3]})")
-    qids = sorted(a.per_query)
-    if qids and (name not in a.per_query[qids[0]] or name not in b.per_query[qids[0]]):
-        raise ValueError(f"metric {name!r} missing from one of the results")
-    return (np.array([a.per_query[q][name] for q in qids], dtype=float),
-            np.array([b.per_query[q][name] for q in qids], dtype=float))

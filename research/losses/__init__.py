@@ -3,7 +3,6 @@
 from research.losses.base import RankingLoss
 from research.losses.combined import CombinedLoss
 from research.losses.contrastive import (
-    ContrastiveTensionLoss,
     GISTEmbedLoss,
     InfoNCE,
     SymmetricInfoNCE,
@@ -28,7 +27,6 @@ __all__ = [
     "SymmetricInfoNCE",
     "GISTEmbedLoss",
     "TripletLoss",
-    "ContrastiveTensionLoss",
     "in_batch_targets",
     "MarginMSE",
     "KLDistillation",

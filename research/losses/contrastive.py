@@ -97,14 +97,3 @@ class TripletLoss(RankingLoss):
         is_pos, pos_idx = positive.float().topk(k, dim=-1)
         hinge = F.relu(self.margin - scores.gather(-1, pos_idx).unsqueeze(-1) + scores.unsqueeze(-2))
         return masked_mean(hinge, is_pos.bool().unsqueeze(-1) & negative.unsqueeze(-2))
-
-
-class ContrastiveTensionLoss(RankingLoss):
-    """Contrastive Tension, binary cross-entropy on the scores of two independent encoders (Carlsson et al., 2021).
-
-    ``targets`` is 1 for identical-sentence pairs and 0 for different sentences; mean over unmasked entries.
-    """
-
-    def compute(self, scores: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
-        loss = F.binary_cross_entropy_with_logits(scores.masked_fill(~mask, 0.0), targets.masked_fill(~mask, 0.0), reduction="none")
-        return masked_mean(loss, mask)

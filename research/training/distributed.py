@@ -3,7 +3,7 @@
 Loss convention (exact, tested): each rank scores its LOCAL queries against ALL gathered documents and takes the
 mean over its local queries; DDP then averages parameter gradients over the W ranks. With equal local batch sizes
 that average is the gradient of the mean loss over the global batch, i.e. what one process on the concatenated batch
-computes; with unequal sizes multiply the local loss by ``GroupBatch.loss_scale`` (W * B_r / N) to keep it exact.
+computes; with unequal sizes multiply the local loss by ``GatheredGroups.loss_scale`` (W * B_r / N) to keep it exact.
 """
 
 from __future__ import annotations
@@ -46,11 +46,6 @@ def _all_ints(values: list[int], device: torch.device | str | None) -> list[list
 def all_sizes(n: int, device: torch.device | str | None = None) -> list[int]:
     """Every rank's ``n`` in rank order (a collective: all ranks must call it)."""
     return [v[0] for v in _all_ints([n], device)]
-
-
-def local_offset(n: int, device: torch.device | str | None = None) -> int:
-    """Global index of this rank's first row once rows of size ``n`` per rank are gathered in rank order (a collective)."""
-    return sum(all_sizes(n, device)[: rank()])
 
 
 def _all_gather_rows(t: Tensor, sizes: Sequence[int]) -> Tensor:
@@ -103,8 +98,10 @@ def gather_with_grad(t: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class GroupBatch:
-    """Local queries scored against the documents of every rank, with each local query's positive column."""
+class GatheredGroups:
+    """This rank's query embeddings and every rank's document embeddings (gathered with gradient), with each local
+    query's positive column and where this rank's rows sit in the gathered order. Embeddings, not texts: the data
+    batch they come from is a :class:`research.data.batches.GroupBatch`."""
 
     queries: Tensor  # [B, D] this rank's queries
     docs: Tensor  # [M, D] all ranks' documents in rank order, each query's group (positive first) contiguous
@@ -126,7 +123,7 @@ class GroupBatch:
         return len(self.query_sizes) * self.query_sizes[rank()] / sum(self.query_sizes)
 
 
-def gather_group_batch(query_emb: Tensor, doc_emb: Tensor, gather_queries: bool = False) -> GroupBatch:
+def gather_group_batch(query_emb: Tensor, doc_emb: Tensor, gather_queries: bool = False) -> GatheredGroups:
     """Gather documents ``[B*(1+n), D]`` (query i's positive at row i*(1+n), its n hard negatives right after) from all ranks."""
     b, m = query_emb.shape[0], doc_emb.shape[0]
     if b == 0 or m % b:
@@ -134,7 +131,7 @@ def gather_group_batch(query_emb: Tensor, doc_emb: Tensor, gather_queries: bool 
     q_sizes, d_sizes = map(list, zip(*_all_ints([b, m], doc_emb.device)))
     r, gather = rank(), is_distributed()
     doc_offset = sum(d_sizes[:r])
-    return GroupBatch(
+    return GatheredGroups(
         queries=query_emb,
         docs=_GatherWithGrad.apply(doc_emb, d_sizes) if gather else doc_emb,
         positives=doc_offset + torch.arange(b, device=doc_emb.device) * (m // b),

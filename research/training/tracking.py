@@ -21,6 +21,7 @@ from research.safety import redact_argv
 
 TRACKED_PACKAGES = ("torch", "lightning", "transformers", "sentence-transformers", "peft", "faiss-cpu", "faiss-gpu",
                     "bm25s", "wandb", "deepspeed", "numpy", "scipy")
+RUN_INFO_FILE = "run_info.json"  # named here, where it is written; research.runs.resume keeps it across resumes
 
 
 def wandb_mode() -> str:
@@ -66,4 +67,4 @@ def run_info(seed: int | None = None) -> dict:
 
 
 def write_run_info(run_dir: Path, seed: int | None = None) -> None:
-    write_json(Path(run_dir) / "run_info.json", json.loads(json.dumps(run_info(seed), default=str)))
+    write_json(Path(run_dir) / RUN_INFO_FILE, json.loads(json.dumps(run_info(seed), default=str)))

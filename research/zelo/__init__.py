@@ -1,4 +1,14 @@
-"""zELO (ZeroEntropy, arXiv 2509.12541): pairwise judge votes to per-document scores a student can regress on."""
+"""zELO (ZeroEntropy, arXiv 2509.12541): pairwise judge votes to per-document scores a student can regress on.
+
+- :mod:`~research.zelo.pairs`: which document pairs to judge (random Hamiltonian cycles);
+- :mod:`~research.zelo.judges`: the judges (BM25, any scorer directory, an OpenAI-compatible chat model, ensembles)
+  and the registry that parses and builds them from specs;
+- :mod:`~research.zelo.pipeline`: candidates -> planned pairs -> resumable vote collection -> listwise groups;
+- :mod:`~research.zelo.fit`: votes -> Thurstone / Bradley-Terry scores on the Elo scale;
+- :mod:`~research.zelo.workflow`: the ``research zelo`` steps end to end as library calls.
+
+Only the judge-free parts are re-exported here, so ``import research.zelo`` does not load torch or the judges.
+"""
 
 from research.data.votes import Vote, append_votes, read_votes, voted_pairs, write_votes
 from research.seeds import key_seed

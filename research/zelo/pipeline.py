@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from research.data.trec import ranking
+from research.data.candidates import ranked_candidates
 from research.data.votes import Vote, append_votes, read_votes, voted_pairs
 from research.errors import ResearchError
 from research.io import write_jsonl
@@ -62,12 +62,7 @@ def candidate_lists(data: RetrievalDataset, source: str, top_n: int,
     run = candidate_run(source, data, top_n, query_ids)
     out: dict[str, list[str]] = {}
     for query_id in query_ids:
-        if query_id not in data.queries:
-            raise ResearchError(f"query '{query_id}' is not in {data.path / 'queries.jsonl'}")
-        docs = [doc_id for doc_id, _ in ranking(run.get(query_id, {}), top_n)]
-        for doc_id in docs:
-            if doc_id not in data.corpus:
-                raise ResearchError(f"candidate document '{doc_id}' (query '{query_id}') is not in {data.path / 'corpus.jsonl'}")
+        docs = ranked_candidates(data, run, query_id, top_n)
         if len(docs) >= 2:
             out[query_id] = docs
     return out

@@ -8,8 +8,8 @@ favouring ``doc_a``. With ``logprobs=True`` the probability comes from the top l
 "A" and "B" when the server returns them, else from the answer letter (1 or 0).
 
 Transient failures (connection errors, timeouts, HTTP 408/409/429/5xx, unparsable answers) are retried with
-exponential backoff; after ``retries`` retries a :class:`~research.zelo.judges.JudgeError` is raised. Votes already
-collected by :func:`research.zelo.pipeline.collect_votes` are on disk by then, so a re-run resumes.
+exponential backoff; after ``retries`` retries a :class:`~research.zelo.judges.base.JudgeError` is raised. Votes
+already collected by :func:`research.zelo.pipeline.collect_votes` are on disk by then, so a re-run resumes.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from research.seeds import key_seed
-from research.zelo.judges import Judge, JudgeError
+from research.zelo.judges.base import Judge, JudgeError, check_lengths
 
 SYSTEM_PROMPT = ("You are a relevance judge for a search engine. You are given a query and two documents, A and B. "
                  "Answer with a single letter: A if Document A is more relevant to the query, B if Document B is.")
@@ -159,8 +159,7 @@ class ChatJudge(Judge):
         return self._ask(query, doc_a, doc_b)
 
     def judge_pairs(self, queries: Sequence[str], docs_a: Sequence[str], docs_b: Sequence[str]) -> list[float]:
-        if not len(queries) == len(docs_a) == len(docs_b):
-            raise ValueError(f"{len(queries)} queries, {len(docs_a)} documents A and {len(docs_b)} documents B")
+        check_lengths(queries, docs_a, docs_b)
         if self.workers == 1 or len(queries) < 2:
             return [self.judge_one(q, a, b) for q, a, b in zip(queries, docs_a, docs_b)]
         with ThreadPoolExecutor(self.workers) as pool:

@@ -1,0 +1,1 @@
+"""Run folders and what runs many of them: the run-folder layout, resuming, sweeps, reports, baseline reproduction."""
