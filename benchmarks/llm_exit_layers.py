@@ -1,204 +1,198 @@
-"""Early-exit benchmark of the layer-wise LLM reranker: nDCG@10 and time per exit layer, before and after LoRA training.
+"""The layer-wise LLM reranker's table: every scored layer's quality (raw and interpolated with BM25), cost and
+adaptive-exit curve, untrained against trained stages, on a dev-carved BEIR folder's dev (choices) and test splits.
 
-One command, one table. Steps:
+Steps (each resumable: the per-layer scores come from the shared state cache, which keeps every backbone pass):
 
-1. BM25 (bm25s, Lucene parameters) top-``k`` candidates for the first ``--queries`` judged queries of the test split
-   (file order of queries.jsonl); BM25's own nDCG@10 over those candidates is the baseline row.
-2. The untrained model (its layer heads start as the LM-head readout, i.e. zero-shot yes-vs-no log-odds) scores every
-   candidate pair once, reading every exit layer in that pass.
-3. LoRA training with Lightning (``LLMRerankerModule``: ListwiseSoftmaxCE on the last layer + self-distillation KL to the
-   earlier layers) on SciFact train groups (``CandidateGroupsDataModule``: the positive + BM25 negatives from ranks
-   ``--negative-ranks``), ``--steps`` steps of ``--batch-queries`` x ``--group-size`` documents.
-4. The trained model scores the candidates again (one pass, every exit layer).
-5. Time per 100 documents at each exit layer: ``score_pairs(exit_layer=l)`` (decoder blocks 1..l only) on the first
-   ``--timing-pairs`` candidate pairs, best of ``--timing-repeats``; its scores are checked against the one-pass
-   scores of that layer (max |difference| printed).
+1. BM25 top-``k`` candidates of every judged query of ``--dev-split`` and ``--test-split`` (``--queries``: the first
+   N test queries in file order, 0 for all).
+2. Per stage (``untrained``: ``--model`` with fresh heads, the LM head's yes-vs-no readout; then each
+   ``--stage NAME=MODEL_DIR``), every scored layer's scores of every candidate pair from one pass, through
+   :class:`~research.training.state_cache.CachedStates` (a LoRA stage is merged first: same scores, tested); a
+   frozen backbone's states are shared by the stages that keep it (untrained and stage 1).
+3. Seconds per 100 documents at each exit layer: ``score_pairs(exit_layer=l)`` on the first ``--timing-pairs`` test
+   pairs (decoder blocks 1..l only), with the last stage's model; and one real adaptive-exit pass over the same pairs.
+4. :mod:`benchmarks.llm_layers_report`: interpolation weights, calibration and thresholds chosen on dev, test
+   metrics, paired tests, ``table.md``, ``results.json`` and ``layers.png`` in ``--out``.
 
-    python benchmarks/llm_exit_layers.py --data /work/shared/data/scifact --queries 50 --top-k 10 --steps 40
+    python benchmarks/llm_exit_layers.py --data runs/data/scifact-dev --top-k 20 \\
+        --stage stage1=runs/llm_layers/stage1/model --stage stage2=runs/llm_layers/stage2/model \\
+        --out experiments/results/llm_layers
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.*` when run as a script
 
 import torch  # noqa: E402
 
 
-def autocast(precision: str, device: str):
+def autocast(precision: str):
     if precision == "bf16-mixed":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def evaluate_layers(reranker, data, pairs, layers, batch_size, precision, device):
-    """nDCG@10 per layer of one scoring pass over ``pairs`` (every layer read in the same pass), and the scores."""
-    from research.data.candidates import pairs_to_run
-    from research.eval.evaluation import evaluate_run
+def load_stage(name: str, source: str, args):
+    """The reranker of a stage, frozen for scoring (LoRA merged), in eval mode."""
+    from research.models.llm_reranker import LayerwiseLLMReranker
 
+    if name == "untrained":
+        reranker = LayerwiseLLMReranker.from_pretrained(
+            source, readout="heads", start_layer=args.start_layer, layer_stride=args.layer_stride,
+            max_length=args.max_length, query_max_length=args.query_max_length)
+    else:
+        reranker = LayerwiseLLMReranker.from_pretrained(source)
+    reranker.merge_lora()
+    reranker.model.requires_grad_(False)
+    return reranker.eval()
+
+
+def layer_scores(reranker, data, pairs, args) -> torch.Tensor:
+    """``[len(pairs), len(layers)]`` scores of every scored layer, the backbone passes kept in the state cache."""
+    from research.training.state_cache import CachedStates
+
+    cache = CachedStates(reranker, args.state_cache, shard_size=args.shard_size, batch_size=args.batch_size)
+    out = []
     started = time.perf_counter()
-    with autocast(precision, device):
-        scores = reranker.score_layers([data.queries[p.query_id] for p in pairs],
-                                       [data.corpus[p.doc_id].full_text for p in pairs], layers, batch_size)
-    seconds = time.perf_counter() - started
-    metrics = {layer: evaluate_run(pairs_to_run(pairs, scores[:, i].tolist()), data.qrels, ("nDCG@10",)).metrics.aggregate["nDCG@10"]
-               for i, layer in enumerate(layers)}
-    return metrics, scores, seconds
+    with torch.inference_mode(), autocast(args.precision):
+        for start in range(0, len(pairs), args.shard_size):
+            chunk = pairs[start:start + args.shard_size]
+            out.append(cache.scores([data.queries[p.query_id] for p in chunk],
+                                    [data.corpus[p.doc_id].full_text for p in chunk]).float().cpu())
+            cache.flush()
+            done = start + len(chunk)
+            print(f"  {done}/{len(pairs)} pairs, {cache.computed} computed, {time.perf_counter() - started:.0f} s",
+                  flush=True)
+    return torch.cat(out)
 
 
-def time_exit_layers(reranker, data, pairs, layers, batch_size, repeats, precision, device, one_pass):
-    """Seconds per 100 documents at each exit layer (best of ``repeats``), and max |early exit - one-pass score|."""
+def time_exits(reranker, data, pairs, args, threshold: float | None) -> dict:
+    """Seconds per 100 documents per exit layer (best of ``--timing-repeats``) and of one adaptive pass."""
     queries = [data.queries[p.query_id] for p in pairs]
     documents = [data.corpus[p.doc_id].full_text for p in pairs]
-    timings, differences = {}, {}
-    for i, layer in enumerate(layers):
-        best = float("inf")
-        for _ in range(repeats):
+    timings = {}
+    with autocast(args.precision):
+        reranker.score_pairs(queries[:4], documents[:4], batch_size=4, exit_layer=reranker.layers[0])  # warm-up
+        for layer in reranker.layers:
+            best = float("inf")
+            for _ in range(args.timing_repeats):
+                started = time.perf_counter()
+                reranker.score_pairs(queries, documents, batch_size=args.timing_batch, exit_layer=layer)
+                best = min(best, time.perf_counter() - started)
+            timings[layer] = 100.0 * best / len(pairs)
+            print(f"  exit layer {layer}: {timings[layer]:.2f} s / 100 documents", flush=True)
+        adaptive = None
+        if threshold is not None:
             started = time.perf_counter()
-            with autocast(precision, device):
-                scores = reranker.score_pairs(queries, documents, batch_size=batch_size, exit_layer=layer)
-            best = min(best, time.perf_counter() - started)
-        timings[layer] = 100.0 * best / len(pairs)
-        differences[layer] = float((scores - one_pass[: len(pairs), i]).abs().max())
-    return timings, differences
+            scores, exits = reranker.score_adaptive(queries, documents, threshold, batch_size=args.timing_batch)
+            adaptive = {"threshold": threshold, "seconds_per_100": 100.0 * (time.perf_counter() - started) / len(pairs),
+                        "mean_layers_run": float(exits.float().mean()), "exits": exits.tolist(),
+                        "scores": scores.tolist()}
+    return {"seconds_per_100": timings, "adaptive": adaptive, "pairs": len(pairs), "batch_size": args.timing_batch}
 
 
 def cached(path: Path, compute):
-    """``compute()`` once: its result is kept in ``path`` (torch.save), so a re-run with the same ``--out`` resumes."""
+    """``compute()`` once; its result kept in ``path`` (torch.save, atomic) so that a re-run resumes."""
     if path.is_file():
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=False)
     result = compute()
-    torch.save(result, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(result, tmp)
+    tmp.replace(path)
     return result
 
 
-def main() -> None:
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
-    parser.add_argument("--data", default="scifact", help="BEIR folder or name under $RESEARCH_DATA_DIR")
-    parser.add_argument("--queries", type=int, default=50, help="first N judged test queries (0: all)")
-    parser.add_argument("--top-k", type=int, default=10, help="BM25 candidates re-ranked per query")
+    parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="the untrained stage's backbone")
+    parser.add_argument("--stage", action="append", default=[], metavar="NAME=MODEL_DIR", help="a trained stage (in order)")
+    parser.add_argument("--data", default="runs/data/scifact-dev", help="BEIR folder with a dev and a test split")
+    parser.add_argument("--dev-split", default="dev")
+    parser.add_argument("--test-split", default="test")
+    parser.add_argument("--queries", type=int, default=0, help="first N judged test queries (0: all)")
+    parser.add_argument("--top-k", type=int, default=20, help="BM25 candidates re-ranked per query")
     parser.add_argument("--start-layer", type=int, default=6)
     parser.add_argument("--layer-stride", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=192, help="prompt tokens in all (documents get the rest)")
+    parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--query-max-length", type=int, default=48)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch-queries", type=int, default=4)
-    parser.add_argument("--group-size", type=int, default=4)
-    parser.add_argument("--negative-ranks", type=int, nargs=2, default=(1, 30), metavar=("MIN", "MAX"))
-    parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--head-lr", type=float, default=1e-3)
-    parser.add_argument("--distill-weight", type=float, default=1.0)
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (GPU, long inputs)")
-    parser.add_argument("--precision", default=None, help="bf16-mixed or 32-true (default: bf16 where the hardware has it)")
-    parser.add_argument("--batch-size", type=int, default=16, help="pairs per scoring batch")
-    parser.add_argument("--timing-pairs", type=int, default=32)
+    parser.add_argument("--precision", default="bf16-mixed", choices=("bf16-mixed", "32-true"))
+    parser.add_argument("--batch-size", type=int, default=32, help="pairs per backbone batch")
+    parser.add_argument("--shard-size", type=int, default=256, help="pairs per state-cache shard (the resume grain)")
+    parser.add_argument("--state-cache", default=None, help="state cache root (default $RESEARCH_CACHE_DIR/llm_states)")
+    parser.add_argument("--timing-pairs", type=int, default=64)
+    parser.add_argument("--timing-batch", type=int, default=16)
     parser.add_argument("--timing-repeats", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="folder for results.json, the trained model and the logs")
-    args = parser.parse_args()
+    parser.add_argument("--work", default="runs/llm_layers/bench", help="per-stage scores and timings (resumable)")
+    parser.add_argument("--out", default="experiments/results/llm_layers", help="table.md, results.json, layers.png")
+    return parser.parse_args(argv)
 
-    import lightning as L
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     import transformers
 
-    from datamodules.reranking import CandidateGroupsDataModule
-    from modules.llm_reranker import LLMRerankerModule
+    from benchmarks.llm_layers_report import choose_threshold, write_report
     from research.data.beir import load_dataset
     from research.data.candidates import candidate_pairs
-    from research.eval.evaluation import evaluate_run
-    from research.models.llm_reranker import LayerwiseLLMReranker
-    from research.models.runtime import preferred_dtype
     from research.retrieval.bm25 import bm25_search
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = args.precision or ("bf16-mixed" if preferred_dtype(device) == torch.bfloat16 else "32-true")
-    out = Path(args.out or f"runs/llm_exit_layers/{time.strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(args.seed, verbose=False)
+    stages = {"untrained": args.model}
+    for spec in args.stage:
+        name, _, path = spec.partition("=")
+        if not path or name in stages:
+            raise SystemExit(f"--stage {spec!r}: expected a new NAME=MODEL_DIR")
+        stages[name] = path
+    work = Path(args.work)
     started = time.perf_counter()
+    splits = {}
+    for role, split in (("dev", args.dev_split), ("test", args.test_split)):
+        data = load_dataset(args.data, split)
+        query_ids = list(data.judged_queries)
+        if role == "test" and args.queries:
+            query_ids = query_ids[: args.queries]
+        data.qrels = {q: data.qrels[q] for q in query_ids}
+        bm25 = bm25_search(data, k=args.top_k, query_ids=query_ids, show_progress=False)
+        splits[role] = (data, bm25, candidate_pairs(data, bm25, args.top_k, query_ids))
+        print(f"{role} ({split}): {len(query_ids)} queries x BM25 top {args.top_k} = {len(splits[role][2])} pairs",
+              flush=True)
+    tag = f"q{args.queries or 'all'}-k{args.top_k}"
+    scores, layers = {}, None
+    for name, source in stages.items():
+        reranker = None
+        for role, (data, _, pairs) in splits.items():
+            path = work / f"{name}-{role}-{tag}.pt"
+            if not path.is_file() and reranker is None:
+                reranker = load_stage(name, source, args)
+            print(f"{name} on {role}:", flush=True)
+            result = cached(path, lambda: {"layers": reranker.layers, "scores": layer_scores(reranker, data, pairs, args)})
+            if layers is not None and result["layers"] != layers:
+                raise SystemExit(f"{name} scores layers {result['layers']}, the others {layers}")
+            layers = result["layers"]
+            scores[(name, role)] = result["scores"]
+    choice = choose_threshold(splits, scores, layers, list(stages)[-1])
+    last = list(stages)[-1]
+    timing_path = work / f"timing-{last}-{tag}.pt"
+    timing = cached(timing_path, lambda: time_exits(load_and_calibrate(last, stages[last], args, choice), splits["test"][0],
+                                                    splits["test"][2][: args.timing_pairs], args, choice["threshold"]))
+    write_report(Path(args.out), args, stages, splits, scores, layers, timing, choice)
+    print(f"total {time.perf_counter() - started:.0f} s; wrote {args.out}/table.md, results.json, layers.png")
 
-    # 1. candidates and the BM25 baseline on the same queries
-    test = load_dataset(args.data, "test")
-    query_ids = list(test.judged_queries)[: args.queries or None]
-    test.qrels = {q: test.qrels[q] for q in query_ids}
-    bm25 = bm25_search(test, k=args.top_k, query_ids=query_ids, show_progress=False)
-    pairs = candidate_pairs(test, bm25, args.top_k, query_ids)
-    bm25_ndcg = evaluate_run(bm25, test.qrels, ("nDCG@10",)).metrics.aggregate["nDCG@10"]
-    print(f"{len(query_ids)} test queries x BM25 top {args.top_k} = {len(pairs)} pairs; BM25 nDCG@10 {bm25_ndcg:.4f}; "
-          f"precision {precision}; torch threads {torch.get_num_threads()}", flush=True)
 
-    # 2. the untrained model
-    common = dict(readout="heads", start_layer=args.start_layer, layer_stride=args.layer_stride,
-                  max_length=args.max_length, query_max_length=args.query_max_length)
-
-    def untrained_pass():
-        untrained = LayerwiseLLMReranker.from_pretrained(args.model, **common).to(device).eval()
-        return untrained.layers, *evaluate_layers(untrained, test, pairs, untrained.layers, args.batch_size, precision, device)
-
-    layers, before, before_scores, seconds = cached(out / "untrained.pt", untrained_pass)
-    print(f"untrained: one pass over {len(pairs)} pairs in {seconds:.0f} s; nDCG@10 "
-          + " ".join(f"L{l} {v:.4f}" for l, v in before.items()), flush=True)
-
-    # 3. LoRA training (checkpointed every 5 steps: a re-run with the same --out resumes)
-    def train():
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
-        module = LLMRerankerModule(model=args.model, lora_rank=args.lora_rank, lr=args.lr, head_lr=args.head_lr,
-                                   distill_weight=args.distill_weight, gradient_checkpointing=args.gradient_checkpointing,
-                                   warmup_ratio=0.1, **common)
-        datamodule = CandidateGroupsDataModule(args.data, train_split="train", eval_split=None, group_size=args.group_size,
-                                               negative_rank_min=args.negative_ranks[0],
-                                               negative_rank_max=args.negative_ranks[1],
-                                               batch_size=args.batch_queries, seed=args.seed)
-        checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=5, save_last=True, save_top_k=0)
-        trainer = L.Trainer(max_steps=args.steps, accelerator=device, devices=1, precision=precision,
-                            logger=L.pytorch.loggers.CSVLogger(out, name="train", flush_logs_every_n_steps=1),
-                            callbacks=[checkpoints], enable_model_summary=False, enable_progress_bar=False,
-                            log_every_n_steps=1, limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0)
-        last = out / "checkpoints" / "last.ckpt"
-        train_started = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
-        module.save_pretrained(out / "model")
-        return {"seconds_this_run": time.perf_counter() - train_started, "resumed": last.is_file(),
-                "final_train_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
-
-    training = cached(out / "training.pt", train)
-    print(f"trained {args.steps} steps of {args.batch_queries}x{args.group_size}: " + " ".join(
-        f"{k} {v:.3f}" for k, v in training["final_train_metrics"].items()), flush=True)
-    trained = LayerwiseLLMReranker.from_pretrained(out / "model").to(device).eval()
-
-    # 4. the trained model; 5. time per exit layer
-    after, after_scores, seconds = cached(out / "trained.pt", lambda: evaluate_layers(
-        trained, test, pairs, layers, args.batch_size, precision, device))
-    print(f"trained: one pass over {len(pairs)} pairs in {seconds:.0f} s", flush=True)
-    sample = pairs[: args.timing_pairs]
-    timings, differences = time_exit_layers(trained, test, sample, layers, args.batch_size, args.timing_repeats,
-                                            precision, device, after_scores)
-
-    header = f"{'exit layer':>10} {'s / 100 docs':>12} {'nDCG@10 untrained':>17} {'nDCG@10 trained':>15}"
-    lines = [header, "-" * len(header)]
-    lines += [f"{l:>10} {timings[l]:>12.1f} {before[l]:>17.4f} {after[l]:>15.4f}" for l in layers]
-    lines.append(f"{'BM25':>10} {'':>12} {bm25_ndcg:>17.4f} {bm25_ndcg:>15.4f}")
-    table = "\n".join(lines)
-    print(table)
-    print("max |early exit - one-pass score| per layer: " + " ".join(f"L{l} {d:.1e}" for l, d in differences.items()))
-    print(f"total {time.perf_counter() - started:.0f} s; results in {out}")
-    (out / "table.txt").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps({
-        "args": vars(args), "precision": precision, "queries": query_ids, "pairs": len(pairs), "bm25_ndcg@10": bm25_ndcg,
-        "untrained_ndcg@10": before, "trained_ndcg@10": after, "seconds_per_100_docs": timings,
-        "max_abs_exit_vs_one_pass": differences, "training": training,
-    }, indent=2) + "\n")
+def load_and_calibrate(name: str, source: str, args, choice: dict):
+    reranker = load_stage(name, source, args)
+    reranker.config.calibration = choice["calibration"]
+    return reranker
 
 
 if __name__ == "__main__":

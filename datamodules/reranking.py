@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.loader import ResumableDataLoader
-from datamodules.retrieval import EpochShuffleSampler, EvaluationTarget
+from datamodules.retrieval import EpochShuffleSampler, EvaluationTarget, check_val_split
 from research.data.batches import PairBatch, PairGroupBatch
 from research.data.beir import RetrievalDataset, load_dataset
 from research.data.candidates import CandidatePair, candidate_pairs, ranked_candidates
@@ -39,7 +39,8 @@ from research.data.formats import (
 )
 from research.data.groups import qrels_positives
 from research.data.trec import Run
-from research.errors import ResearchError
+from research.errors import DataFormatError, ResearchError
+from research.io import iter_jsonl
 from research.retrieval.rerank import BM25, candidate_run
 from research.seeds import stable_seed
 
@@ -204,10 +205,15 @@ class RerankingDataModule(L.LightningDataModule):
     Args:
         data: dataset folder, or a name under ``$RESEARCH_DATA_DIR``.
         train_split: qrels split loaded for training (``None``: corpus and queries only).
-        eval_split: qrels split that ``validate``/``test`` re-rank and score (``None``: no evaluation).
+        eval_split: qrels split that ``test`` re-ranks and scores (``None``: no evaluation).
         eval_candidates: ``bm25`` (computed on the fly) or a TREC run file of first-stage candidates.
-        eval_top_k: candidates re-ranked per query.
+        eval_top_k: candidates re-ranked per query (validation too).
         batch_size: training items (queries) per batch; eval_batch_size: pairs per evaluation batch.
+        val_split: qrels split that validation (during ``fit``, and ``validate``) re-ranks and scores, e.g. the
+            ``dev`` of ``research dev-split``; ``None``: no validation. It may share no query with ``eval_split`` or
+            ``train_split`` (:func:`~datamodules.retrieval.check_val_split`).
+        val_candidates: the validation candidates (default: ``eval_candidates`` when that is ``bm25``; a run file
+            for the eval split holds no val query, so name one for the val split).
     """
 
     def __init__(
@@ -222,13 +228,20 @@ class RerankingDataModule(L.LightningDataModule):
         relevance_level: int = 1,
         seed: int = 0,
         num_workers: int = 0,
+        val_split: str | None = None,
+        val_candidates: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.train_data: RetrievalDataset | None = None
         self.eval_data: RetrievalDataset | None = None
         self.eval_pairs: list[CandidatePair] = []
+        self.val_data: RetrievalDataset | None = None
+        self.val_pairs: list[CandidatePair] = []
         self._train_set: TrainingListDataset | None = None
+        if val_split and val_candidates is None and eval_candidates != BM25:
+            raise ResearchError(f"val_split '{val_split}' needs val_candidates: eval_candidates {eval_candidates!r} "
+                                "ranks the eval split's queries")
 
     def build_train_set(self, data: RetrievalDataset) -> TrainingListDataset:
         raise ResearchError(f"{type(self).__name__} has no training data: use a DataModule with a training source")
@@ -243,6 +256,13 @@ class RerankingDataModule(L.LightningDataModule):
             query_ids = list(self.eval_data.judged_queries)
             run = candidate_run(hp.eval_candidates, self.eval_data, hp.eval_top_k, query_ids)
             self.eval_pairs = candidate_pairs(self.eval_data, run, hp.eval_top_k, query_ids)
+        if hp.val_split and self.val_data is None and stage in ("fit", "validate"):
+            self.val_data = load_dataset(hp.data, hp.val_split)
+            query_ids = list(self.val_data.judged_queries)
+            run = candidate_run(hp.val_candidates or hp.eval_candidates, self.val_data, hp.eval_top_k, query_ids)
+            self.val_pairs = candidate_pairs(self.val_data, run, hp.eval_top_k, query_ids)
+        if self.val_data is not None:
+            check_val_split(self.val_data, {"eval": self.eval_data, "train": self.train_data})
 
     def train_dataloader(self) -> DataLoader:
         assert self._train_set is not None, "setup('fit') has not run"
@@ -252,28 +272,43 @@ class RerankingDataModule(L.LightningDataModule):
         return ResumableDataLoader(self._train_set, batch_size=self.hparams.batch_size, sampler=sampler, drop_last=True,
                                    collate_fn=self._train_set.collate, num_workers=self.hparams.num_workers)
 
-    def _eval_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader:
         assert self.eval_data is not None, "eval_split is None"
         return DataLoader(PairEvalDataset(self.eval_data, self.eval_pairs, self.hparams.eval_batch_size), batch_size=None)
 
-    val_dataloader = _eval_dataloader
-    test_dataloader = _eval_dataloader
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_data is None:  # no val_split: nothing to validate on (Lightning skips an empty list)
+            return []
+        return DataLoader(PairEvalDataset(self.val_data, self.val_pairs, self.hparams.eval_batch_size), batch_size=None)
 
-    def evaluation_target(self) -> EvaluationTarget:
-        """The qrels and relevance level that the module's validation/test re-rankings are scored against."""
-        assert self.eval_data is not None, "eval_split is None"
-        return EvaluationTarget(self.eval_data.qrels, self.hparams.relevance_level)
+    def evaluation_target(self, stage: str = "test") -> EvaluationTarget:
+        """The qrels and relevance level that the module's ``val`` / ``test`` re-rankings are scored against."""
+        data = self.val_data if stage == "val" else self.eval_data
+        assert data is not None, f"no {'val' if stage == 'val' else 'eval'}_split"
+        return EvaluationTarget(data.qrels, self.hparams.relevance_level)
 
 
 class ListwiseDataModule(RerankingDataModule):
     """Trains on listwise groups from ``groups_file``; ``target_field`` names the labels or teacher scores to fit.
 
     ``group_size`` caps each group (its best document plus a per-epoch random sample of the others).
+    A group whose query is judged in the eval split's qrels is refused (training on the queries it is evaluated on)
+    unless ``allow_eval_queries`` says so explicitly.
     """
 
     def __init__(self, data: str, groups_file: str, target_field: str = "labels", group_size: int | None = None,
-                 train_split: str | None = None, **kwargs) -> None:
+                 train_split: str | None = None, allow_eval_queries: bool = False, **kwargs) -> None:
         super().__init__(data, train_split=train_split, **kwargs)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.eval_data is not None and not self.hparams.allow_eval_queries:
+            path = Path(self.hparams.groups_file)
+            for line, record in iter_jsonl(path):  # the reader has validated every record already
+                if record["query_id"] in self.eval_data.qrels:
+                    raise DataFormatError(path, line, "query_id", f"query '{record['query_id']}' is judged in the "
+                                          f"evaluation split '{self.eval_data.split}': training on it leaks the test "
+                                          "queries (set allow_eval_queries: true to do it anyway)")
 
     def build_train_set(self, data: RetrievalDataset) -> TrainingListDataset:
         hp = self.hparams

@@ -155,10 +155,25 @@ class EncodeDataset(Dataset):
 @dataclass(frozen=True)
 class EvaluationTarget:
     """What a LightningModule scores its validation/test runs against, handed over by the DataModules'
-    ``evaluation_target()``: the eval split's qrels and the lowest grade that counts as relevant."""
+    ``evaluation_target(stage)``: the val or eval split's qrels and the lowest grade that counts as relevant."""
 
     qrels: Qrels
     relevance_level: int
+
+
+def check_val_split(val: RetrievalDataset, others: dict[str, RetrievalDataset | None]) -> None:
+    """Validation chooses epochs and checkpoints, so it shares no query with the eval (test) or the train split."""
+    for role, other in others.items():
+        if other is None:
+            continue
+        if other.split == val.split:
+            raise ResearchError(f"val_split '{val.split}' is also the {role} split: validate on a split of its own "
+                                "(research dev-split carves one from train)")
+        shared = sorted(set(val.qrels) & set(other.qrels))
+        if shared:
+            raise ResearchError(f"{val.path}: val split '{val.split}' and {role} split '{other.split}' share "
+                                f"{len(shared)} queries (e.g. '{shared[0]}'): validation would choose on "
+                                f"{role} queries")
 
 
 class RetrievalDataModule(L.LightningDataModule):
@@ -167,7 +182,10 @@ class RetrievalDataModule(L.LightningDataModule):
     Args:
         data: dataset folder, or a name under ``$RESEARCH_DATA_DIR``.
         train_split: qrels split to train on (``None``: evaluation only).
-        eval_split: qrels split that ``validate``/``test`` evaluate on.
+        eval_split: qrels split that ``test`` evaluates on.
+        val_split: qrels split that validation (during ``fit``, and ``validate``) evaluates on, e.g. the ``dev`` of
+            ``research dev-split``; ``None``: no validation. It may share no query with ``eval_split`` or
+            ``train_split``, so a monitored metric (early stopping, checkpoint choice) never sees a test query.
         groups_file: JSONL of mined groups (see :mod:`research.data.groups`); its negatives become hard negatives.
         num_negatives: hard negatives per query (topped up with random documents when a group has fewer).
         length_bucketing: batch items of similar length (query + positive, in characters) together, from windows of
@@ -189,11 +207,13 @@ class RetrievalDataModule(L.LightningDataModule):
         num_workers: int = 0,
         length_bucketing: bool = False,
         batches_per_bucket: int = 50,
+        val_split: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.train_data: RetrievalDataset | None = None
         self.eval_data: RetrievalDataset | None = None
+        self.val_data: RetrievalDataset | None = None
         self._train_set: GroupDataset | None = None
 
     def setup(self, stage: str) -> None:
@@ -214,6 +234,10 @@ class RetrievalDataModule(L.LightningDataModule):
             self._train_set = GroupDataset(self.train_data, groups, hp.num_negatives, hp.seed, relevant)
         if hp.eval_split and self.eval_data is None:
             self.eval_data = load_dataset(hp.data, hp.eval_split)
+        if hp.val_split and self.val_data is None and stage in ("fit", "validate"):
+            self.val_data = load_dataset(hp.data, hp.val_split)
+        if self.val_data is not None:
+            check_val_split(self.val_data, {"eval": self.eval_data, "train": self.train_data})
 
     def train_dataloader(self) -> DataLoader:
         assert self._train_set is not None, "setup('fit') has not run, or train_split is None"
@@ -229,14 +253,17 @@ class RetrievalDataModule(L.LightningDataModule):
             collate_fn=self._train_set.collate, num_workers=hp.num_workers,
         )
 
-    def _eval_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader:
         assert self.eval_data is not None, "eval_split is None"
         return DataLoader(EncodeDataset(self.eval_data, self.hparams.eval_batch_size), batch_size=None)
 
-    val_dataloader = _eval_dataloader
-    test_dataloader = _eval_dataloader
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_data is None:  # no val_split: nothing to validate on (Lightning skips an empty list)
+            return []
+        return DataLoader(EncodeDataset(self.val_data, self.hparams.eval_batch_size), batch_size=None)
 
-    def evaluation_target(self) -> EvaluationTarget:
-        """The qrels and relevance level that the module's validation/test runs are scored against."""
-        assert self.eval_data is not None, "eval_split is None"
-        return EvaluationTarget(self.eval_data.qrels, self.hparams.relevance_level)
+    def evaluation_target(self, stage: str = "test") -> EvaluationTarget:
+        """The qrels and relevance level that the module's ``val`` / ``test`` runs are scored against."""
+        data = self.val_data if stage == "val" else self.eval_data
+        assert data is not None, f"no {'val' if stage == 'val' else 'eval'}_split"
+        return EvaluationTarget(data.qrels, self.hparams.relevance_level)

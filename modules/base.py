@@ -22,9 +22,10 @@ ScoredPairs = tuple[list[str], list[str], Tensor]  # one eval batch of a pair sc
 
 
 class EvaluationTarget(Protocol):
-    """What a DataModule's ``evaluation_target()`` returns (``datamodules.retrieval.EvaluationTarget``): the eval
-    split's qrels and the lowest grade that counts as relevant. Named here as a Protocol because modules and
-    datamodules are independent layers (import-linter, pyproject.toml): neither may import the other."""
+    """What a DataModule's ``evaluation_target(stage)`` returns (``datamodules.retrieval.EvaluationTarget``): the
+    qrels of the split that stage ``val`` or ``test`` evaluates on, and the lowest grade that counts as relevant.
+    Named here as a Protocol because modules and datamodules are independent layers (import-linter,
+    pyproject.toml): neither may import the other."""
 
     @property
     def qrels(self) -> Qrels: ...
@@ -44,7 +45,7 @@ class RankingModule(L.LightningModule):
       stepped every optimizer step.
     - Evaluation: validation and test steps keep what :meth:`evaluation_step` returns per batch; at the end of the
       epoch :meth:`evaluation_runs` turns it into runs, which are scored against the DataModule's
-      ``evaluation_target()`` (:class:`EvaluationTarget`) with the ``metrics`` hyper-parameter. The run named
+      ``evaluation_target(stage)`` (:class:`EvaluationTarget`) with the ``metrics`` hyper-parameter. The run named
       :attr:`main_run` becomes :attr:`last_evaluation` and is logged as ``{stage}/{metric}``; every run with a
       non-empty name is also logged as ``{stage}/{metric}/{name}``.
 
@@ -97,6 +98,11 @@ class RankingModule(L.LightningModule):
         self.log("train/loss", self.total(detached), prog_bar=True, batch_size=batch_size)
         if len(detached) > 1 or self.log_every_term:
             self.log_dict({f"train/{name}": term for name, term in detached.items()}, batch_size=batch_size)
+
+    def on_fit_start(self) -> None:
+        # from_pretrained returns eval-mode backbones (and a test before fit restores that mode); Lightning looks for
+        # eval-mode submodules before on_train_start, so train mode is set here, where the check does not see eval
+        self.train()
 
     # ------------------------------------------------------------------ optimisation
     def no_weight_decay(self, name: str, param: Tensor) -> bool:
@@ -160,7 +166,7 @@ class RankingModule(L.LightningModule):
         runs = self.evaluation_runs(collected) if collected else {}
         if not runs:
             return
-        target: EvaluationTarget = self.trainer.datamodule.evaluation_target()
+        target: EvaluationTarget = self.trainer.datamodule.evaluation_target(stage)  # val: the val split's qrels
         self._evaluations = {name: evaluate_run(run, target.qrels, self.hparams.metrics, target.relevance_level)
                              for name, run in runs.items()}
         self.log_dict({f"{stage}/{k}": v for k, v in self._evaluations[self.main_run].metrics.aggregate.items()},

@@ -15,11 +15,13 @@ from modules.base import RankingModule
 from research.data.batches import EncodeBatch, GroupBatch
 from research.data.trec import Run
 from research.eval.metrics import DEFAULT_METRICS
-from research.losses import InfoNCE, RankingLoss
+from research.losses import GISTEmbedLoss, InfoNCE, RankingLoss
 from research.models.bi_encoder import BiEncoder
 from research.models.compile import compile_in_place
 from research.models.fast_dropout import use_fast_dropout
 from research.retrieval.dense import dense_search
+from research.retrieval.index.encode import ShardBatch, document_embedder
+from research.retrieval.index.search import ShardedIndex, search_index
 from research.training.distributed import (
     all_gather_rows,
     gather_group_batch,
@@ -27,7 +29,7 @@ from research.training.distributed import (
     is_distributed,
     world_size,
 )
-from research.training.embedding_cache import EmbeddingCache, fingerprint
+from research.training.embedding_cache import encode_corpus, release
 from research.training.gradcache import GradCache
 from research.training.sharding import (
     data_parallel_mesh,
@@ -47,7 +49,16 @@ class BiEncoderModule(RankingModule):
         loss: any :class:`RankingLoss`; default InfoNCE over in-batch and hard negatives.
         temperature: scores are ``similarity / temperature``; ``learn_temperature`` makes it a parameter.
         in_batch_negatives: score each query against every document of the batch (else only its own group).
-        distill: use the batch's teacher scores as targets (MarginMSE, KL), instead of labels.
+        distill: use the batch's teacher scores as targets (MarginMSE, KL), instead of labels. With in-batch negatives
+            each row of ``[B, B*(1+n)]`` holds its own group first (its positive at column 0, MarginMSE's anchor) and
+            then the other rows' documents, masked: the teacher scored only each query's own group, so in-batch
+            documents have no target and add no term to a distillation loss.
+        guide_model: a frozen bi-encoder (directory or name) for :class:`~research.losses.GISTEmbedLoss`, which needs
+            one (and only it takes one): no gradient, eval mode, the batch's texts. With in-batch negatives the loss
+            sees query-document ``[B, B*(1+n)]``, query-query ``[B, B]`` and positive-positive ``[B, B]`` pairs (a
+            row's own query and positive masked), and drops every candidate the guide scores above the row's positive
+            (GISTEmbed, Solatorio 2024); without, the own group's negatives. Not with ``distill`` nor with
+            ``gather_across_devices`` under several processes.
         pooling, normalize, prefixes, max lengths, shared_towers: override what the model directory says.
         gather_across_devices: with in-batch negatives under a multi-process strategy, score each rank's queries
             against the documents of ALL ranks (gathered with gradient, :mod:`research.training.distributed`), so the loss and
@@ -59,8 +70,9 @@ class BiEncoderModule(RankingModule):
             manual optimisation (it steps optimizer and LR scheduler itself, clips with ``Trainer(gradient_clip_val)``);
             ``accumulate_grad_batches`` must stay 1. Supported on one device, ``ddp`` and fully_shard
             (``ModelParallelStrategy``); refused under DeepSpeed and Lightning's ``fsdp`` (not verified there).
-        cache_corpus_embeddings: reuse corpus embeddings from :mod:`research.training.embedding_cache` when the weights,
-            settings, precision and corpus are unchanged (evaluation only; the key hashes every parameter).
+        cache_corpus_embeddings: keep the eval corpus's index directory (:mod:`research.training.embedding_cache`)
+            and reuse it while weights, settings, precision and corpus are unchanged (the key hashes every parameter).
+            Either way each rank encodes only its share of the corpus shards and every rank searches them all.
         gradient_checkpointing: activation checkpointing in the backbone(s) (transformers'
             ``activation_checkpointing_enable``, non-reentrant): recompute layer activations in backward.
         fast_dropout: CPU training speed: cheaper dropout masks, same dropout rates
@@ -100,18 +112,28 @@ class BiEncoderModule(RankingModule):
         cache_corpus_embeddings: bool = True,
         fast_dropout: bool = False,
         torch_compile: bool = False,
+        guide_model: str | None = None,
     ) -> None:
         super().__init__()
         if gradcache_chunk_size is not None and gradcache_chunk_size < 1:
             raise ValueError(f"gradcache_chunk_size must be >= 1 (or None), got {gradcache_chunk_size}")
+        if isinstance(loss, GISTEmbedLoss) != (guide_model is not None):
+            raise ValueError("GISTEmbedLoss needs a guide_model (a bi-encoder directory or name), and only it takes one: "
+                             f"got loss {type(loss).__name__} and guide_model {guide_model!r}")
+        if guide_model is not None and distill:
+            raise ValueError("guide_model (GISTEmbedLoss) trains on labels: it does not combine with distill=True")
         self.save_hyperparameters(ignore=["loss"])
         self.encoder = self._load_encoder()
         if shared_towers is False and self.encoder.document_encoder is None:
             raise ValueError("shared_towers=False needs a model saved with separate towers")
         self.loss = loss if loss is not None else InfoNCE()
+        self.guide: BiEncoder | None = None
+        if guide_model is not None:
+            guide = BiEncoder.from_pretrained(guide_model, trust_remote_code=trust_remote_code).eval().requires_grad_(False)
+            # not a registered child: frozen weights stay out of state_dict (checkpoints), DDP and the optimizer
+            object.__setattr__(self, "guide", guide)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)), requires_grad=learn_temperature)
-        self._cached_corpus: tuple[list[str], Tensor] | None = None  # this evaluation's corpus embeddings, if cached
-        self._cache_key: str | None = None
+        self._index_dir = None  # this evaluation's corpus index (research.training.embedding_cache)
         self._full_state: dict[str, dict[str, Tensor]] | None = None  # gathered weights of sharded towers, for saving
         if gradient_checkpointing:  # non-reentrant: safe with DDP, FSDP and several backward passes (GradCache)
             for tower in self.towers():
@@ -180,6 +202,11 @@ class BiEncoderModule(RankingModule):
         own = offset + torch.arange(size, device=scores.device)[:, None] * group + torch.arange(group, device=scores.device)
         full_targets = torch.zeros(scores.shape, device=scores.device).scatter_(1, own, targets)
         in_own_group = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(1, own, True)
+        if self.hparams.distill:
+            # MarginMSE anchors at column 0 and the teacher scored the own group only: own group first, others masked
+            columns = torch.arange(scores.shape[1], device=scores.device)
+            order = torch.where(in_own_group, columns - own[:, :1], group + columns).argsort(dim=1)
+            return scores.gather(1, order), full_targets.gather(1, order), in_own_group.gather(1, order), loss_scale
         # another row's copy of one of my positives (on any rank) is no negative: compare hashed ids
         positives = [sorted(p) for p in batch.positive_ids]
         width = max(1, max(map(len, positives)))
@@ -195,9 +222,36 @@ class BiEncoderModule(RankingModule):
     def _loss(self, batch: GroupBatch, queries: Tensor, documents: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss to backpropagate (local mean times the rank scale) and its named terms (unscaled, for logging)."""
         scores, targets, mask, loss_scale = self._score(batch, queries, documents)
-        terms = self.loss_terms(scores, targets, mask)
+        if self.guide is None:
+            terms = self.loss_terms(scores, targets, mask)
+        else:
+            scores, targets, mask, guide_scores = self._guided(batch, queries, documents, scores, targets, mask)
+            terms = self.loss.terms(scores, targets, mask, guide_scores=guide_scores)
         loss = self.total(terms)
         return loss * loss_scale if loss_scale != 1.0 else loss, terms
+
+    def _guided(self, batch: GroupBatch, queries: Tensor, documents: Tensor, scores: Tensor, targets: Tensor,
+                mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """GISTEmbed's candidates and the guide's scores of them (see ``guide_model``): with in-batch negatives
+        ``[query-document | query-query | positive-positive]``, each group's first document being its positive."""
+        if self.hparams.gather_across_devices and is_distributed():
+            raise ValueError("guide_model with gather_across_devices: the query-query and positive-positive pairs "
+                             "would need every rank's queries; not supported")
+        size, group = len(batch), batch.group_size
+        guide = self.guide.to(queries.device).eval()  # Lightning neither moves nor switches an unregistered module
+        with torch.no_grad():
+            guide_q = guide(batch.queries, is_query=True).float()
+            guide_d = guide([d for docs in batch.documents for d in docs], is_query=False).float()
+        if not self.hparams.in_batch_negatives:
+            return scores, targets, mask, torch.einsum("bd,bnd->bn", guide_q, guide_d.view(size, group, -1))
+        positive = torch.arange(size, device=queries.device) * group
+        itself = torch.eye(size, dtype=torch.bool, device=scores.device)
+        scores = torch.cat([scores, queries @ queries.T * self.scale,
+                            documents[positive] @ documents[positive].T * self.scale], 1)
+        guide_scores = torch.cat([guide_q @ guide_d.T, guide_q @ guide_q.T, guide_d[positive] @ guide_d[positive].T], 1)
+        # positive-positive: another row's positive that is one of mine is masked as in the query-document part
+        mask = torch.cat([mask, ~itself, mask[:, positive] & ~itself], 1)
+        return scores, torch.cat([targets, targets.new_zeros(size, 2 * size)], 1), mask, guide_scores
 
     def log_training(self, terms: dict[str, Tensor], batch_size: int) -> None:
         super().log_training(terms, batch_size)
@@ -288,44 +342,60 @@ class BiEncoderModule(RankingModule):
             for tower in self.towers():
                 compile_in_place(tower)
 
-    # evaluation: encode queries and corpus in steps, search and score at epoch end
-    def _start_evaluation(self) -> None:
-        """Look the corpus embeddings up in the cache (when enabled): a hit skips the corpus batches."""
-        self._cached_corpus = self._cache_key = None
+    # evaluation: each rank encodes its share of the corpus shards at the start, queries in steps, search at the end
+    def embed_documents(self, texts: list[str]) -> Tensor:
+        """Document embeddings of one corpus batch (without the token cache, whose memory grows with the corpus)."""
+        return document_embedder(self.encoder)(texts)
+
+    def predict_step(self, batch: ShardBatch) -> Tensor:
+        """``research index``: one shard batch's embeddings, which ``ShardWriter`` (research.training) writes."""
+        return self.embed_documents(batch.texts).float().cpu()
+
+    def _embed_through_strategy(self, texts: list[str]) -> Tensor:
+        strategy = self.trainer.strategy
+        if strategy.model is not None and strategy.model is not self:  # a DDP/FSDP/DeepSpeed wrapper: its forward
+            return strategy._forward_redirection(strategy.model, self, "embed_documents", texts)
+        return self.embed_documents(texts)
+
+    def _start_evaluation(self, stage: str) -> None:
+        """Encode the missing shards of the stage's corpus, this rank's share (none when the cache has them all)."""
+        self._index_dir = None
         data = getattr(self.trainer, "datamodule", None)
-        if not self.hparams.cache_corpus_embeddings or getattr(data, "eval_data", None) is None or is_distributed():
-            return
-        settings = {"config": vars(self.encoder.config), "precision": str(self.trainer.precision), "model": "bi-encoder"}
-        corpus = ((doc_id, doc.full_text) for doc_id, doc in data.eval_data.corpus.items())
-        self._cache_key = fingerprint(self.encoder, settings, corpus)
-        self._cached_corpus = EmbeddingCache().load(self._cache_key)
+        split = getattr(data, "val_data" if stage == "val" and hasattr(data, "val_data") else "eval_data", None)
+        if split is None:
+            return  # a DataModule without val_data/eval_data: the corpus comes in the eval batches
+        with self.trainer.precision_plugin.forward_context():
+            self._index_dir = encode_corpus(
+                self.encoder, split.corpus, self._embed_through_strategy, model_name=str(self.hparams.model),
+                precision=str(self.trainer.precision), batch_size=int(getattr(data, "hparams", {}).get("eval_batch_size", 128)),
+                device_type=self.device.type, cached=self.hparams.cache_corpus_embeddings)
 
     def on_validation_start(self) -> None:
-        self._start_evaluation()
+        self._start_evaluation("val")
 
     def on_test_start(self) -> None:
-        self._start_evaluation()
+        self._start_evaluation("test")
 
     def evaluation_step(self, batch: EncodeBatch) -> Encoded | None:
-        if not batch.is_query and self._cached_corpus is not None:
-            return None  # the cached corpus embeddings stand in for the corpus batches
+        if not batch.is_query and self._index_dir is not None:
+            return None  # encoded shard by shard at the start of the epoch
         return batch.is_query, batch.ids, self.encoder(batch.texts, batch.is_query).float().cpu()
 
     def evaluation_runs(self, collected: list[Encoded]) -> dict[str, Run]:
-        """Exact inner-product search of the queries over the corpus, encoded in this epoch or taken from the cache
-        (which a fresh encoding fills, when enabled)."""
+        """Exact inner-product search of the queries over the corpus shards (or the corpus batches collected)."""
         queries = [(ids, emb) for is_query, ids, emb in collected if is_query]
-        documents = [(ids, emb) for is_query, ids, emb in collected if not is_query]
-        if not queries or (self._cached_corpus is None and not documents):
+        if not queries:
             return {}
-        if self._cached_corpus is not None:
-            doc_ids, doc_emb = self._cached_corpus
-        else:
-            doc_ids, doc_emb = [i for ids, _ in documents for i in ids], torch.cat([emb for _, emb in documents])
-            if self._cache_key is not None and self.trainer.is_global_zero:
-                EmbeddingCache().save(self._cache_key, doc_ids, doc_emb)
         query_ids, query_emb = [i for ids, _ in queries for i in ids], torch.cat([emb for _, emb in queries])
-        return {self.main_run: dense_search(query_emb, doc_emb, query_ids, doc_ids, k=self.hparams.eval_top_k)}
+        if self._index_dir is None:
+            documents = [(ids, emb) for is_query, ids, emb in collected if not is_query]
+            if not documents:
+                return {}
+            doc_ids, doc_emb = [i for ids, _ in documents for i in ids], torch.cat([emb for _, emb in documents])
+            return {self.main_run: dense_search(query_emb, doc_emb, query_ids, doc_ids, k=self.hparams.eval_top_k)}
+        run, _ = search_index(ShardedIndex(self._index_dir), query_ids, query_emb.numpy(), k=self.hparams.eval_top_k)
+        release(self._index_dir, self.hparams.cache_corpus_embeddings)
+        return {self.main_run: run}
 
     def on_fit_end(self) -> None:
         """Under fully_shard the towers hold shards: gather full weights now, while every rank takes part, so that

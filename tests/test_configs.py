@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import yaml
+from test_strategies import parse as parse_only  # the research fit parser, stopped before instantiation
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
@@ -39,25 +40,6 @@ FIT_CONFIGS = [p for p in yaml_files() if kind(p) == "fit"]
 def test_every_yaml_is_covered():
     kinds = {p.relative_to(EXPERIMENTS).as_posix(): kind(p) for p in yaml_files()}
     assert len([k for k in kinds.values() if k == "fit"]) >= 8, kinds
-
-
-def parse_only(monkeypatch, *args: str):
-    import lightning.pytorch.cli as lightning_cli
-
-    from research.cli.lightning import run_lightning
-
-    captured = []
-
-    class ParseOnly(lightning_cli.LightningCLI):
-        def __init__(self, *a, **kw) -> None:
-            super().__init__(*a, **{**kw, "run": False})
-
-        def instantiate_classes(self) -> None:
-            captured.append(self)
-
-    monkeypatch.setattr(lightning_cli, "LightningCLI", ParseOnly)
-    run_lightning(list(args))
-    return captured[0]
 
 
 @pytest.mark.parametrize("path", FIT_CONFIGS, ids=lambda p: p.relative_to(EXPERIMENTS).as_posix())

@@ -83,6 +83,33 @@ def test_matches_pytrec_eval(level):
     assert 0 < result.aggregate["nDCG@10"] < 1
 
 
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_trec_eval_convention_counts_queries_without_relevant(level):
+    """queries_without_relevant="trec_eval": the mean over every qrels query equals pytrec_eval's (run-less queries 0, as
+    trec_eval -c); a query without a document at the level keeps its nDCG from lower grades and scores 0 elsewhere."""
+    run, qrels = make_data()
+    names = list(PYTREC) + ["RR@10"]
+    result = compute_metrics(run, qrels, names, relevance_level=level, queries_without_relevant="trec_eval")
+    reference = pytrec(run, qrels, PYTREC.values(), level)
+    rr = pytrec(truncate_run(run, 10), qrels, ["recip_rank"], level)
+    without = [q for q, docs in qrels.items() if not any(g >= level for g in docs.values()) and q in reference]
+    assert without and result.skipped_queries == [] and result.num_queries == len(qrels) == len(result.per_query)
+    if level == 2:  # graded: some query has grade-1 documents only, and trec_eval still gives it an nDCG
+        assert any(reference[q]["ndcg_cut_10"] > 0 for q in without)
+    for name in names:
+        values = [(rr[q]["recip_rank"] if name == "RR@10" else reference[q][PYTREC[name]]) if q in reference else 0.0
+                  for q in qrels]
+        assert result.aggregate[name] == pytest.approx(math.fsum(values) / len(qrels), abs=1e-12), name
+    for q in without:
+        assert result.per_query[q]["nDCG@10"] == pytest.approx(reference[q]["ndcg_cut_10"], abs=1e-12)
+        assert result.per_query[q]["R@100"] == result.per_query[q]["AP@100"] == result.per_query[q]["RR@10"] == 0.0
+    default = compute_metrics(run, qrels, names, relevance_level=level)
+    assert default.aggregate == compute_metrics(run, qrels, names, level, queries_without_relevant="exclude").aggregate
+    assert default.num_queries == len(qrels) - len(default.skipped_queries) < len(qrels)
+    with pytest.raises(ValueError, match="queries_without_relevant"):
+        compute_metrics(run, qrels, names, level, queries_without_relevant="zero")
+
 def test_nontrivial_data():
     """The random data really exercises ties, non-positive scores, negative grades and cutoffs."""
     run, qrels = make_data()

@@ -52,15 +52,16 @@ def test_each_kind_is_a_small_class_with_its_command(tmp_path):
     assert (rows[1].metrics[0].expected, rows[1].metrics[0].published, rows[1].metrics[0].tolerance) == (0.6, 0.61, 0.001)
     assert rows[2].command(out) == ["fit", "--config", "a.yaml", "--run_dir", "OUT", "--name", "fit",
                                     "--trainer.max_steps=3"]
-    assert rows[2].run_file(out) == out / "eval_after" / "run.trec"
+    assert rows[2].run_path(out) == out / "eval_after" / "run.trec"
     fit, rerank = rows[3].commands(out)
-    assert fit[:3] == ["fit", "--config", "ce.yaml"] and fit[fit.index("--run_dir") + 1] == "OUT/train"
-    assert rerank[:3] == ["rerank", "--model", "OUT/train/model"] and rerank[rerank.index("--top-k") + 1] == "50"
+    assert fit[:4] == ["research", "fit", "--config", "ce.yaml"] and fit[fit.index("--run_dir") + 1] == "OUT/train"
+    assert rerank[:4] == ["research", "rerank", "--model", "OUT/train/model"]
+    assert rerank[rerank.index("--top-k") + 1] == "50"
     assert rows[3].relevance_level == 2 and not rows[3].enabled
-    assert rows[3].run_file(out) == out / "run.trec"
+    assert rows[3].run_path(out) == out / "run.trec"
     fused = RerankRow(name="fused", data=data, model="ce", interpolate=0.5)
     assert fused.command(out)[-2:] == ["--interpolate", "0.5"]
-    assert fused.run_file(out) == out / "interpolated" / "run.trec" and "interpolated 0.5/0.5" in fused.describe()
+    assert fused.run_path(out) == out / "interpolated" / "run.trec" and "interpolated 0.5/0.5" in fused.describe()
 
 
 @pytest.mark.parametrize("row, message", [
@@ -115,9 +116,9 @@ def test_relevance_level_and_pass_fail_exit_code(tmp_path, capsys):
     assert reproduce(path, out=tmp_path / "out", reuse=True, table=tmp_path / "table.md") == 1  # "off" is outside
     text = (tmp_path / "table.md").read_text()
     assert "| good | BM25 (bm25s, k1=1.5, b=0.75) | R@2 (rel ≥ 2) |" in text
-    assert "| off | BM25 (bm25s, k1=1.5, b=0.75) | R@2 | — |" in text and "| FAIL |" in text
+    assert "| off | BM25 (bm25s, k1=1.5, b=0.75) | R@2 | — |" in text and "| FAIL (reused) |" in text
     assert "| off-disabled |" in text and "skipped" in text
-    assert "| measured |" in text  # AP@5 without an expected value
+    assert "| measured (reused) |" in text  # AP@5 without an expected value
     assert "[off] FAIL" in capsys.readouterr().out
     with pytest.raises(BaselineError, match="no row named"):
         reproduce(path, only=["nope"], out=tmp_path / "out")

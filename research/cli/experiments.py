@@ -19,6 +19,7 @@ from research.runs import layout
 def cmd_sweep(args: argparse.Namespace) -> None:
     import yaml
 
+    from research.cli.lightning import check_fit_arguments
     from research.io import atomic_write
     from research.runs.sweep import load_sweep, run_sweep, status_table, wandb_config
 
@@ -30,15 +31,19 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         print(f"wrote {out}; then: wandb sweep {out}  and  wandb agent <entity>/<project>/<sweep id>")
         return
     if args.status:
-        rows = status_table(args.file, root=args.root)
+        rows = status_table(args.file, root=args.root, check=check_fit_arguments)
         for row in rows:
             seconds = "" if row["seconds"] is None else f"{row['seconds']:.0f} s"
-            print(f"{row['status']:<12} attempts {row['attempts']}  {row['run']:<48} {seconds}")
+            print(f"{row['status']:<12} attempts {row['attempts']}  {row['run']:<48} {seconds}".rstrip())
+            if row["reason"]:
+                print(f"{'':<12} reason: {row['reason']}")
         done = sum(row["status"] == "finished" for row in rows)
-        print(f"{done}/{len(rows)} finished")
+        invalid = sum(row["status"] == "invalid" for row in rows)
+        print(f"{done}/{len(rows)} finished" + (f", {invalid} invalid (fix the sweep file: they would fail at the start)"
+                                                if invalid else ""))
         return
     result = run_sweep(args.file, parallel=args.parallel, max_runs=args.max_runs, root=args.root,
-                       retry_failed=not args.skip_failed)
+                       retry_failed=not args.skip_failed, check=check_fit_arguments)
     print(f"sweep {result.sweep_dir}: {len(result.finished)} finished now, {len(result.skipped)} were already finished, "
           f"{len(result.failed)} failed, {len(result.pending)} not finished")
     if result.failed:
@@ -64,7 +69,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     from research.runs.reproduce import reproduce
 
     code = reproduce(args.file, only=args.only, out=args.out, table=args.table, reuse=args.reuse, dry_run=args.dry_run,
-                     include_disabled=args.all)
+                     include_disabled=args.all, strict=args.strict)
     if code:
         sys.exit(code)
 
@@ -84,7 +89,7 @@ def register(sub) -> None:
     p = sub.add_parser("sweep-agent", help="one sweep run from `wandb agent` (--key=value arguments)")
     p.set_defaults(func=cmd_sweep_agent)
     p.add_argument("file", help="the sweep YAML the W&B sweep was exported from")
-    p.add_argument("--root", default=str(layout.SWEEPS_ROOT))
+    p.add_argument("--root", default=str(layout.SWEEPS_ROOT), help="where sweep folders live")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="--key=value parameter values from the agent")
 
     p = sub.add_parser("report", help="table (CSV, markdown), significance tests and plots of finished runs")
@@ -96,17 +101,20 @@ def register(sub) -> None:
     p.add_argument("--permutations", type=int, default=10000, help="paired randomization test samples")
     p.add_argument("--root", default=str(layout.RUNS_ROOT),
                    help=f"where names are looked up ({layout.SWEEPS_ROOT}/<name>, {layout.RUNS_ROOT}/<name>)")
-    p.add_argument("--title", default=None)
+    p.add_argument("--title", default=None, help="report title (default: the source folder and its counts)")
     p.add_argument("--reference", action="append", metavar="NAME=DIR",
                    help="add one evaluation (DIR with metrics.json + per_query.json), e.g. zero-shot=runs/x/eval")
 
     p = sub.add_parser("reproduce", help="run the baseline rows of a file, compare with the expected values")
     p.set_defaults(func=cmd_reproduce)
     p.add_argument("file", help="baselines YAML, e.g. experiments/baselines/scifact.yaml")
-    p.add_argument("--only", nargs="+", default=None, help="run only these rows (disabled rows included)")
+    p.add_argument("--only", nargs="+", default=None,
+                   help="run only these rows and the rows they consume, consumed first (disabled rows included)")
     p.add_argument("--all", action="store_true", help="run disabled rows too")
     p.add_argument("--out", default=None,
                    help=f"folder for the rows' outputs (default {layout.REPRODUCE_ROOT}/<file stem>)")
-    p.add_argument("--table", default=None, help="also write the markdown table here")
-    p.add_argument("--reuse", action="store_true", help="reuse a row's existing output instead of running it again")
+    p.add_argument("--table", default=None, help="also write the markdown table here (and its results JSON beside it)")
+    p.add_argument("--reuse", action="store_true",
+                   help="score a row's existing output instead of deleting it and running the row again")
+    p.add_argument("--strict", action="store_true", help="also fail on a metric that has no expected value")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")

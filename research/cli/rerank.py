@@ -6,9 +6,20 @@ import argparse
 import time
 from pathlib import Path
 
+from research.cli.options import (
+    add_precision,
+    add_quiet,
+    add_relevance_level,
+    add_slice,
+    describe_slice,
+    slice_corpus,
+    slice_info,
+    slice_queries,
+    wrote_evaluation,
+)
 from research.cli.retrieval import print_metrics
 from research.errors import ResearchError
-from research.models.runtime import PRECISIONS, inference_autocast, resolve_device
+from research.models.runtime import inference_autocast, resolve_device
 
 
 def cmd_rerank(args: argparse.Namespace) -> None:
@@ -16,39 +27,49 @@ def cmd_rerank(args: argparse.Namespace) -> None:
     from research.data.trec import truncate_run
     from research.eval.evaluation import evaluate_run, save_evaluation
     from research.models.scorers import ScorerOptions, load_scorer
-    from research.retrieval.rerank import candidate_run, rerank_run
+    from research.retrieval.rerank import BM25, candidate_run, rerank_run
 
     if args.top_k < 1:
         raise ResearchError(f"--top-k must be >= 1, got {args.top_k}")
     device = resolve_device(args.device)
     started = time.perf_counter()
-    data = load_dataset(args.data, args.split)
+    data = slice_queries(load_dataset(args.data, args.split), args.max_queries)
     query_ids = list(data.judged_queries)
-    candidates = truncate_run(candidate_run(args.candidates, data, args.top_k, query_ids), args.top_k)
-    first_stage = evaluate_run(candidates, data.qrels)
+    if args.candidates == BM25:  # computed over the (sliced) corpus
+        data = slice_corpus(data, args.max_docs)
+        candidates = truncate_run(candidate_run(args.candidates, data, args.top_k, query_ids), args.top_k)
+    else:  # a run file: a sliced corpus keeps every candidate of the kept queries
+        candidates = truncate_run(candidate_run(args.candidates, data, args.top_k, query_ids), args.top_k)
+        if args.max_queries is not None:
+            candidates = {q: candidates[q] for q in query_ids if q in candidates}
+        data = slice_corpus(data, args.max_docs, keep=(d for q in query_ids for d in candidates.get(q, {})))
+    first_stage = evaluate_run(candidates, data.qrels, relevance_level=args.relevance_level)
     scorer = load_scorer(args.model, ScorerOptions(max_length=args.max_length, trust_remote_code=args.trust_remote_code,
                                                    device=device))
     with inference_autocast(args.precision, device):
         run = rerank_run(scorer, data, candidates, top_k=args.top_k, batch_size=args.batch_size, query_ids=query_ids)
-    evaluation = evaluate_run(run, data.qrels)
+    evaluation = evaluate_run(run, data.qrels, relevance_level=args.relevance_level)
+    info = dict(data=str(args.data), split=args.split, candidates=str(args.candidates), top_k=args.top_k,
+                relevance_level=args.relevance_level, **slice_info(args, data))
     save_evaluation(args.out, evaluation, tag="rerank", model=str(args.model), scorer=type(scorer).__name__,
-                    data=str(args.data), split=args.split, candidates=str(args.candidates), top_k=args.top_k,
-                    precision=args.precision, candidates_metrics=first_stage.metrics.aggregate,
+                    precision=args.precision, candidates_metrics=first_stage.metrics.aggregate, **info,
                     seconds=round(time.perf_counter() - started, 2))
-    print_metrics(f"candidates ({args.candidates}, top {args.top_k})", first_stage.metrics.aggregate)
+    print_metrics(f"candidates ({args.candidates}, top {args.top_k}){describe_slice(args, data)}",
+                  first_stage.metrics.aggregate)
     print_metrics(f"re-ranked by {args.model}", evaluation.metrics.aggregate)
-    print(f"wrote {Path(args.out) / 'run.trec'} and {Path(args.out) / 'metrics.json'}")
+    print(f"{wrote_evaluation(args.out)} ({time.perf_counter() - started:.0f} s)")
     if args.interpolate is not None:
         from research.retrieval.fusion import interpolate
+        from research.runs.layout import INTERPOLATED_DIR
 
-        fused = evaluate_run(interpolate(run, candidates, args.interpolate), data.qrels)
-        fused_dir = Path(args.out) / "interpolated"
-        save_evaluation(fused_dir, fused, tag="interpolated", model=str(args.model), data=str(args.data),
-                        split=args.split, candidates=str(args.candidates), top_k=args.top_k,
+        fused = evaluate_run(interpolate(run, candidates, args.interpolate), data.qrels,
+                             relevance_level=args.relevance_level)
+        fused_dir = Path(args.out) / INTERPOLATED_DIR
+        save_evaluation(fused_dir, fused, tag="interpolated", model=str(args.model), **info,
                         weight=args.interpolate, normalization="per-query z-score")
         print_metrics(f"interpolated ({args.interpolate:g} x re-ranker + {1 - args.interpolate:g} x candidates)",
                       fused.metrics.aggregate)
-        print(f"wrote {fused_dir / 'run.trec'} and {fused_dir / 'metrics.json'}")
+        print(wrote_evaluation(fused_dir))
 
 
 def register(sub) -> None:
@@ -58,14 +79,19 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_rerank)
     p.add_argument("--model", required=True, help="saved model directory (or packaged name / hub id)")
     p.add_argument("--data", required=True, help="dataset folder or name under $RESEARCH_DATA_DIR")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="qrels split whose judged queries are re-ranked")
     p.add_argument("--candidates", default="bm25", help="TREC run file of candidates, or 'bm25' to compute them now")
     p.add_argument("--top-k", type=int, default=100, help="candidates re-ranked per query")
     p.add_argument("--out", required=True, help="output directory for run.trec, metrics.json and per_query.json")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=None, help="override the model's max length (tokens)")
-    p.add_argument("--precision", choices=PRECISIONS, default="32-true", help="bf16-mixed: bfloat16 autocast")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--batch-size", type=int, default=32, help="pairs scored per batch")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="override the model's max length in tokens (default: the model's)")
+    add_precision(p)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto, cuda when available)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model folder's own code")
     p.add_argument("--interpolate", type=float, default=None, metavar="WEIGHT",
-                   help="also write OUT/interpolated: WEIGHT x z(re-ranker) + (1 - WEIGHT) x z(candidates) per query")
+                   help="also write OUT/interpolated: WEIGHT x z(re-ranker) + (1 - WEIGHT) x z(candidates) per query "
+                        "(default: not written)")
+    add_relevance_level(p)
+    add_slice(p)
+    add_quiet(p)

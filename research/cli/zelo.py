@@ -13,6 +13,8 @@ import argparse
 import sys
 import time
 
+from research.cli.options import add_quiet
+from research.cli.parser import ResearchParser
 from research.errors import ResearchError
 from research.models.runtime import PRECISIONS, resolve_device
 
@@ -43,21 +45,11 @@ def cmd_votes(args: argparse.Namespace) -> None:
         print(f"warning: resuming {job.out} with different settings ({', '.join(job.changed)}): its earlier votes are "
               f"kept and their pairs skipped", file=sys.stderr)
 
-    def progress(done: int, total: int) -> None:
-        if not args.quiet:
-            print(f"\rvotes {done}/{total}", end="", file=sys.stderr, flush=True)
-
     try:
-        stats = job.collect(progress=progress)
-    except (JudgeError, KeyboardInterrupt) as err:
-        if not args.quiet:
-            print(file=sys.stderr)
-        if isinstance(err, KeyboardInterrupt):
-            raise
+        stats = job.collect()  # progress: the "judging pairs" stage (research.progress; --quiet: none)
+    except JudgeError as err:
         raise ResearchError(f"{err}; the votes collected so far are in {job.out}: re-run the same command to resume"
                             ) from None
-    if not args.quiet:
-        print(file=sys.stderr)
     print(f"{len(job.candidates)} queries, {stats.planned} pairs: {stats.already} already in {job.out}, "
           f"{stats.collected} collected ({time.perf_counter() - started:.1f} s)")
 
@@ -88,7 +80,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     run_lightning(["fit", "--config", args.config, *extra])
 
 
-class _PassThroughParser(argparse.ArgumentParser):
+class _PassThroughParser(ResearchParser):
     """A subparser that hands the arguments it does not know to Lightning (``zelo train``) instead of failing."""
 
     def parse_known_args(self, args=None, namespace=None):
@@ -114,7 +106,7 @@ def register(sub) -> None:
     p.add_argument("--top-n", type=int, default=20, help="candidates per query")
     p.add_argument("--cycles", type=int, default=4, help="random Hamiltonian cycles per query (about 2 x cycles x N pairs)")
     p.add_argument("--all-pairs", action="store_true", help="judge all N(N-1)/2 pairs (small N)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of each query's pair sample")
     p.add_argument("--judge", action="append", metavar="SPEC",
                    help="repeatable: bm25[:temperature=T] | model:DIR[:temperature=T] | llm:URL:MODEL:KEY_ENV[:k=v...]")
     p.add_argument("--judges", metavar="FILE", help="YAML/JSON list of judge specs (strings or mappings)")
@@ -122,24 +114,25 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="pairs judged (and appended) per chunk")
     p.add_argument("--device", default="auto", help="device of model judges: cpu, cuda, ... (auto: cuda when available)")
     p.add_argument("--precision", choices=PRECISIONS, default="32-true", help="model judges; bf16-mixed: bfloat16 autocast")
-    p.add_argument("--quiet", action="store_true")
+    add_quiet(p)
 
     p = zsub.add_parser("fit", help="fit votes into per-document scores {query_id, doc_id, elo, target}")
     p.set_defaults(func=cmd_fit)
-    p.add_argument("--votes", required=True)
+    p.add_argument("--votes", required=True, help="votes JSONL (research zelo votes)")
     p.add_argument("--out", required=True, help="scores JSONL")
-    p.add_argument("--model", choices=("thurstone", "bradley-terry"), default="thurstone")
+    p.add_argument("--model", choices=("thurstone", "bradley-terry"), default="thurstone",
+                   help="the paired-comparison model fitted to the votes")
     p.add_argument("--prior", type=float, default=0.01, help="Gaussian prior precision on the latent scores")
     p.add_argument("--groups", default=None, help="also write listwise groups JSONL for the student's DataModule")
     p.add_argument("--allow-truncated-tail", action="store_true", help="skip a cut-short last line of the votes file")
 
     p = zsub.add_parser("qrels-groups", help="the same candidate groups labelled by the qrels (a baseline student)")
     p.set_defaults(func=cmd_qrels_groups)
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", default="train")
+    p.add_argument("--data", required=True, help="dataset folder or name under $RESEARCH_DATA_DIR")
+    p.add_argument("--split", default="train", help="qrels split whose judged queries and labels are used")
     p.add_argument("--max-queries", type=int, default=None, help="only the first N judged queries (as zelo votes)")
-    p.add_argument("--candidates", default="bm25")
-    p.add_argument("--top-n", type=int, default=20)
+    p.add_argument("--candidates", default="bm25", help="'bm25' (computed now) or a TREC run file")
+    p.add_argument("--top-n", type=int, default=20, help="candidates per query")
     p.add_argument("--out", required=True, help="listwise groups JSONL {query_id, doc_ids, labels}")
 
     p = zsub.add_parser("train", help="train the student: research fit --config FILE [Lightning overrides]",

@@ -19,6 +19,12 @@ text triples (ids are assigned to distinct texts; the negatives go to a groups J
 
     python -m research.data.msmarco --collection collection.tsv --queries queries.dev.small.tsv \\
         --qrels qrels.dev.small.tsv --split dev --out data/msmarco-dev
+
+The full passage task needs no conversion: the named datasets ``msmarco-passage`` (``--split train|dev|dev-small|
+eval|trec-dl-2019``), ``msmarco-passage/dev-small`` and ``msmarco-passage/trec-dl-2019`` read the official files
+under the data root (downloaded when missing, :mod:`research.data.msmarco_files`), the 8.8M-passage collection through
+its byte-offset index (:func:`open_collection`). The official dev.small measure, MRR@10, is this framework's ``RR@10``
+(tests/test_msmarco_full.py checks it against a port of the official ``ms_marco_eval.py``).
 """
 
 from __future__ import annotations
@@ -26,22 +32,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from research.data.beir import Document, RetrievalDataset
-from research.data.trec import Qrels, read_trec_qrels
+from research.data.beir import Document, RetrievalDataset, open_corpus
+from research.data.msmarco_files import check_id, fields, line_of, read_id_text, read_qrels, read_queries
+from research.data.trec import Qrels
 from research.errors import DataFormatError
 from research.io import atomic_write, iter_lines
 
 __all__ = [
-    "read_collection", "read_queries", "read_qrels", "read_triples_text", "read_triples_ids", "TextTriple", "IdTriple",
-    "build_dataset", "load_msmarco", "write_beir", "triples_to_beir", "id_triples_to_groups",
+    "read_collection", "open_collection", "read_queries", "read_qrels", "read_triples_text", "read_triples_ids",
+    "TextTriple", "IdTriple", "build_dataset", "load_msmarco", "write_beir", "triples_to_beir", "id_triples_to_groups",
 ]
-
-_INT = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -58,80 +62,22 @@ class IdTriple:
     negative_id: str
 
 
-def _fields(path: Path, number: int, text: str, names: tuple[str, ...]) -> list[str]:
-    parts = text.split("\t")
-    if len(parts) != len(names):
-        raise DataFormatError(path, number, None,
-                              f"expected {len(names)} tab-separated columns ({', '.join(names)}), got {len(parts)}")
-    values = [part.strip() for part in parts]
-    for value, name in zip(values, names):
-        if not value:
-            raise DataFormatError(path, number, name, "empty")
-    return values
-
-
-def _check_id(path: Path, number: int, field: str, value: str, int_ids: bool) -> str:
-    if int_ids and not _INT.fullmatch(value):
-        raise DataFormatError(path, number, field, f"expected a non-negative integer id, got {value!r}")
-    if not int_ids and any(c.isspace() for c in value):
-        raise DataFormatError(path, number, field, f"id {value!r} contains whitespace")
-    return value
-
-
-def _read_id_text(path: str | Path, names: tuple[str, str], int_ids: bool, what: str) -> dict[str, str]:
-    path = Path(path)
-    table: dict[str, str] = {}
-    for number, line in iter_lines(path):
-        key, text = _fields(path, number, line, names)
-        _check_id(path, number, names[0], key, int_ids)
-        if key in table:
-            raise DataFormatError(path, number, names[0], f"duplicate id '{key}'")
-        table[key] = text
-    if not table:
-        raise DataFormatError(path, None, None, f"no {what}")
-    return table
-
-
 def read_collection(path: str | Path, int_ids: bool = True) -> dict[str, str]:
-    """``pid<TAB>text`` lines -> ``{pid: text}``."""
-    return _read_id_text(path, ("pid", "text"), int_ids, "passages")
+    """``pid<TAB>text`` lines -> ``{pid: text}`` (a dict: for small collections; see :func:`open_collection`)."""
+    return read_id_text(path, ("pid", "text"), int_ids, "passages")
 
 
-def read_queries(path: str | Path, int_ids: bool = True) -> dict[str, str]:
-    """``qid<TAB>text`` lines -> ``{qid: text}``."""
-    return _read_id_text(path, ("qid", "text"), int_ids, "queries")
-
-
-def read_qrels(path: str | Path, int_ids: bool = True) -> Qrels:
-    """TREC qrels (``qid iter pid relevance``) via :func:`research.data.trec.read_trec_qrels`, ids checked as integers."""
-    path = Path(path)
-    qrels = read_trec_qrels(path)
-    if int_ids:
-        for qid, docs in qrels.items():
-            bad = [(field, value) for field, value in [("query_id", qid), *(("doc_id", d) for d in docs)]
-                   if not _INT.fullmatch(value)]
-            if bad:
-                field, value = bad[0]
-                raise DataFormatError(path, _line_of(path, 0 if field == "query_id" else 2, value), field,
-                                      f"expected a non-negative integer id, got {value!r}")
-    if not qrels:
-        raise DataFormatError(path, None, None, "no qrels")
-    return qrels
-
-
-def _line_of(path: Path, column: int, value: str) -> int | None:
-    for number, text in iter_lines(path):
-        parts = text.split()
-        if len(parts) > column and parts[column] == value:
-            return number
-    return None
+def open_collection(path: str | Path):
+    """``collection.tsv`` (integer pids) as an :class:`~research.data.offsets.OffsetCorpus` of
+    :class:`~research.data.beir.Document`: validated once, read by byte offset, no dict (the full 8.8M passages)."""
+    return open_corpus(path)
 
 
 def iter_triples_text(path: str | Path) -> Iterator[tuple[int, TextTriple]]:
     """``(line, TextTriple)`` for each ``query<TAB>positive<TAB>negative`` line (streaming: the file may be large)."""
     path = Path(path)
     for number, line in iter_lines(path):
-        query, positive, negative = _fields(path, number, line, ("query", "positive", "negative"))
+        query, positive, negative = fields(path, number, line, ("query", "positive", "negative"))
         yield number, TextTriple(query, positive, negative)
 
 
@@ -161,9 +107,9 @@ def read_triples_ids(path: str | Path, queries: Mapping[str, str] | None = None,
     for number, line in iter_lines(path):
         if limit is not None and len(triples) >= limit:
             break
-        values = _fields(path, number, line, names)
+        values = fields(path, number, line, names)
         for name, value in zip(names, values):
-            _check_id(path, number, name, value, int_ids)
+            check_id(path, number, name, value, int_ids)
         qid, pos, neg = values
         if queries is not None and qid not in queries:
             raise DataFormatError(path, number, "qid", f"unknown query '{qid}'")
@@ -193,11 +139,11 @@ def build_dataset(collection: Mapping[str, str], queries: Mapping[str, str], qre
     where = Path(qrels_path or "qrels")
     for qid, docs in qrels.items():
         if qid not in queries:
-            raise DataFormatError(where, _line_of(where, 0, qid) if qrels_path else None, "query_id",
+            raise DataFormatError(where, line_of(where, 0, qid) if qrels_path else None, "query_id",
                                   f"unknown query '{qid}'")
         for pid in docs:
             if pid not in collection:
-                raise DataFormatError(where, _line_of(where, 2, pid) if qrels_path else None, "doc_id",
+                raise DataFormatError(where, line_of(where, 2, pid) if qrels_path else None, "doc_id",
                                       f"unknown passage '{pid}'")
     corpus = {pid: Document(title="", text=text) for pid, text in collection.items()}
     return RetrievalDataset(name=name, path=Path(path or "."), corpus=corpus, queries=dict(queries), qrels=qrels,

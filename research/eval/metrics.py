@@ -6,10 +6,13 @@ linear gain (every grade > 0 is gain, whatever ``relevance_level``), log2 discou
 all judged grades; the other metrics count a document relevant when its grade >= ``relevance_level``, and
 R@k and AP@k divide by the number of relevant documents in qrels.
 
-Convention: the mean is over the qrels queries with at least one relevant document; such a query missing
-from the run, or with an empty ranking, scores 0 on every metric (like ``trec_eval -c``); qrels queries with
-no relevant document are left out of the mean and listed in ``skipped_queries``; run queries absent from
-qrels are ignored.
+Convention (``queries_without_relevant``): by default (``"exclude"``) the mean is over the qrels queries with at
+least one relevant document (grade >= ``relevance_level``); qrels queries with none are left out of the mean and
+listed in ``skipped_queries``. With ``"trec_eval"`` the mean is over every qrels query, as trec_eval computes them:
+a query without a relevant document scores 0 on RR, R, AP and P, and keeps its nDCG (gain from any grade > 0, so at
+``relevance_level`` 2 a query with grade-1 documents only can have nDCG > 0). Either way a qrels query missing from
+the run, or with an empty ranking, scores 0 on every metric (like ``trec_eval -c``; pytrec_eval leaves it out), and
+run queries absent from qrels are ignored.
 
 torchmetrics is not used: its retrieval MRR/MAP/recall (1.9) silently drop relevant documents scoring <= 0.
 """
@@ -28,6 +31,7 @@ from research.data.trec import Qrels, Run, _trec_key
 __all__ = ["MetricsResult", "compute_metrics", "parse_metric", "Qrels", "Run"]
 
 DEFAULT_METRICS = ("nDCG@10", "RR@10", "R@100", "AP@100")
+QUERIES_WITHOUT_RELEVANT = ("exclude", "trec_eval")
 _FAMILIES = {"ndcg": "nDCG", "rr": "RR", "r": "R", "ap": "AP", "p": "P"}
 _METRIC_RE = re.compile(r"^\s*([A-Za-z]+)@(\d+)\s*$")
 
@@ -87,17 +91,22 @@ def _query_metrics(grades: np.ndarray, judged: Mapping[str, int], num_rel: int, 
         elif family == "RR":
             value = 1.0 / first if first <= k else 0.0
         elif family == "AP":
-            value = cum_ap[last] / num_rel if last >= 0 else 0.0
+            value = cum_ap[last] / num_rel if last >= 0 and num_rel else 0.0
         else:
             hits = cum_rel[last] if last >= 0 else 0
-            value = hits / num_rel if family == "R" else hits / k
+            value = (hits / num_rel if num_rel else 0.0) if family == "R" else hits / k
         out[name] = float(value)
     return out
 
 
 def compute_metrics(run: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mapping[str, int]],
-                    metrics: Iterable[str] = DEFAULT_METRICS, relevance_level: int = 1) -> MetricsResult:
-    """Per-query and mean metrics of ``run`` against ``qrels`` under the convention of the module docstring."""
+                    metrics: Iterable[str] = DEFAULT_METRICS, relevance_level: int = 1,
+                    queries_without_relevant: str = "exclude") -> MetricsResult:
+    """Per-query and mean metrics of ``run`` against ``qrels`` under the convention of the module docstring;
+    ``queries_without_relevant``: ``"exclude"`` (default) or ``"trec_eval"``."""
+    if queries_without_relevant not in QUERIES_WITHOUT_RELEVANT:
+        raise ValueError(f"queries_without_relevant must be one of {', '.join(QUERIES_WITHOUT_RELEVANT)}, "
+                         f"got {queries_without_relevant!r}")
     names = list(dict.fromkeys(_canonical(name) for name in metrics))
     if not names:
         raise ValueError("no metrics requested")
@@ -108,7 +117,7 @@ def compute_metrics(run: Mapping[str, Mapping[str, float]], qrels: Mapping[str, 
     skipped: list[str] = []
     for qid, judged in qrels.items():
         num_rel = sum(1 for grade in judged.values() if grade >= relevance_level)
-        if num_rel == 0:
+        if num_rel == 0 and queries_without_relevant == "exclude":
             skipped.append(qid)
             continue
         docs = _ranked_docs(run.get(qid, {}), depth)

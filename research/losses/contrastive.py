@@ -51,6 +51,7 @@ class GISTEmbedLoss(RankingLoss):
 
     ``targets`` > 0 marks positives; a non-positive candidate is dropped when ``guide_scores`` (a guide model's scores,
     same shape, no gradient) puts it above the row's lowest-scored positive minus ``margin`` (a likely false negative).
+    ``modules.BiEncoderModule(guide_model=...)`` builds the candidates and the guide's scores of them.
     """
 
     def __init__(self, margin: float = 0.0, name: str | None = None) -> None:

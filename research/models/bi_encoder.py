@@ -20,7 +20,7 @@ from transformers import (
 
 from research.io import write_json
 from research.models.batching import in_length_order
-from research.models.pooling import POOLINGS, pooling_from_name
+from research.models.pooling import POOLINGS, pooling_from_name, pooling_from_sentence_transformers
 from research.models.pretrained import resolve_model
 
 CONFIG_NAME = "research_bi_encoder.json"
@@ -38,14 +38,37 @@ class BiEncoderConfig:
     shared_towers: bool = True
 
 
+POOLER_STATE = "research_pooler_state"  # attribute of a backbone: the pooler weights its export writes back
+
+
 def load_backbone(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
-    """``AutoModel`` without BERT's pooler: an unused pooler leaves parameters without gradients, which breaks DDP."""
+    """``AutoModel`` without BERT's pooler: an unused pooler leaves parameters without gradients, which breaks DDP.
+
+    The pooler is loaded and then taken out, so the load reports what loading the base reports (no "unexpected
+    pooler" keys), and its checkpoint weights are kept in the ``POOLER_STATE`` attribute, untrained: ``save_pretrained``
+    writes them back, so that ``AutoModel`` and sentence-transformers load the export without "newly initialized"
+    warnings. A checkpoint without pooler weights leaves nothing to keep (its export loads as the base does)."""
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    kwargs = {}
     model_class = AutoModel._model_mapping.get(type(config), None) if not trust_remote_code else None
-    if model_class is not None and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
-        kwargs["add_pooling_layer"] = False
-    return AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    if model_class is None or "add_pooling_layer" not in inspect.signature(model_class.__init__).parameters:
+        return AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model, info = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code, output_loading_info=True)
+    pooler = getattr(model, "pooler", None)
+    if isinstance(pooler, nn.Module):
+        loaded = not any(key.startswith("pooler.") for key in info["missing_keys"])
+        state = {f"pooler.{k}": v.detach().clone() for k, v in pooler.state_dict().items()} if loaded else {}
+        model.pooler = None
+        setattr(model, POOLER_STATE, state)
+    return model
+
+
+def save_backbone(model: PreTrainedModel, directory: Path) -> None:
+    """``save_pretrained``, with the pooler weights :func:`load_backbone` kept aside, if any."""
+    extra = getattr(model, POOLER_STATE, None)
+    if not extra:
+        model.save_pretrained(directory)
+        return
+    model.save_pretrained(directory, state_dict={**model.state_dict(), **extra})
 
 
 class BiEncoder(nn.Module):
@@ -75,7 +98,8 @@ class BiEncoder(nn.Module):
     ) -> BiEncoder:
         """Load from a local dir, packaged weights or the hub; sentence-transformers dirs keep their pooling and prompts."""
         path = resolve_model(name_or_path)
-        config = BiEncoderConfig(**{**_read_config(path), **{k: v for k, v in overrides.items() if v is not None}})
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        config = BiEncoderConfig(**{**_read_config(path, read_pooling="pooling" not in overrides), **overrides})
         query_encoder = load_backbone(path, trust_remote_code)
         document_encoder = None
         if not config.shared_towers:
@@ -88,10 +112,10 @@ class BiEncoder(nn.Module):
         """Write a directory that ``SentenceTransformer(dir)`` and ``AutoModel`` load (query tower at the root)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.query_encoder.save_pretrained(directory)
+        save_backbone(self.query_encoder, directory)
         self.tokenizer.save_pretrained(directory)
         if self.document_encoder is not None:
-            self.document_encoder.save_pretrained(directory / DOCUMENT_TOWER)
+            save_backbone(self.document_encoder, directory / DOCUMENT_TOWER)
         cfg = self.config
         modules = [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -147,11 +171,13 @@ class BiEncoder(nn.Module):
     def encode_texts(self, texts: list[str], is_query: bool, batch_size: int = 64) -> Tensor:
         """Embed many texts in length-sorted batches (little padding); rows in input order."""
         return in_length_order(lambda idx: self([texts[i] for i in idx], is_query), [len(t) for t in texts],
-                               batch_size, self.dimension)
+                               batch_size, self.dimension, label="encoding queries" if is_query else "encoding documents",
+                               unit="texts")
 
 
-def _read_config(path: Path) -> dict:
-    """Our own config if present, else what a sentence-transformers directory says."""
+def _read_config(path: Path, read_pooling: bool = True) -> dict:
+    """Our own config if present, else what a sentence-transformers directory says (its pooling only with
+    ``read_pooling``: an explicit ``pooling=`` makes an unsupported mode in the file irrelevant)."""
     if (path / CONFIG_NAME).is_file():
         known = {f.name for f in fields(BiEncoderConfig)}
         return {k: v for k, v in json.loads((path / CONFIG_NAME).read_text()).items() if k in known}
@@ -162,10 +188,9 @@ def _read_config(path: Path) -> dict:
         config["normalize"] = any(m.get("type", "").endswith("Normalize") for m in modules)
         for module in modules:
             pooling_file = path / module.get("path", "") / "config.json"
-            if module.get("type", "").endswith("Pooling") and pooling_file.is_file():
+            if read_pooling and module.get("type", "").endswith("Pooling") and pooling_file.is_file():
                 flags = json.loads(pooling_file.read_text())
-                mode = flags.get("pooling_mode")
-                config["pooling"] = next((p.name for p in POOLINGS.values() if flags.get(p.sentence_transformers_mode) or mode == p.name), "mean")
+                config["pooling"] = pooling_from_sentence_transformers(flags, str(pooling_file))
     st_config = path / "sentence_bert_config.json"
     if st_config.is_file() and (length := json.loads(st_config.read_text()).get("max_seq_length")):
         # sentence-transformers cuts queries and documents alike: so do we, unless told otherwise

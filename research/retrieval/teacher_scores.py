@@ -17,6 +17,7 @@ from research.errors import DataFormatError
 from research.io import iter_jsonl
 from research.models.runtime import inference_autocast
 from research.models.scorers import PairScorer
+from research.progress import stage
 
 PairScore = Callable[[list[str], list[str]], list[float]]  # (query ids, doc ids) -> scores
 
@@ -70,6 +71,7 @@ def score_records(kind: str, records: list[tuple[int, dict[str, Any]]], score: P
         return docs
 
     pending: list[tuple[dict[str, Any], list[tuple[str, str]]]] = []
+    total = sum(len(flat(record, line)) for line, record in records)
 
     def flush() -> Iterator[dict[str, Any]]:
         pairs = [p for _, ps in pending for p in ps]
@@ -78,6 +80,7 @@ def score_records(kind: str, records: list[tuple[int, dict[str, Any]]], score: P
             raise ValueError(f"scorer returned {len(scores)} scores for {len(pairs)} pairs")
         if not all(math.isfinite(s) for s in scores):
             raise ValueError("scorer returned non-finite scores")
+        step.advance(len(pairs))
         at = 0
         for record, ps in pending:
             out = dict(record)
@@ -92,14 +95,15 @@ def score_records(kind: str, records: list[tuple[int, dict[str, Any]]], score: P
         pending.clear()
 
     size = 0
-    for line, record in records:
-        ps = flat(record, line)
-        pending.append((record, ps))
-        size += len(ps)
-        if size >= chunk:
-            yield from flush()
-            size = 0
-    yield from flush()
+    with stage("scoring pairs", total=total, unit="pairs") as step:
+        for line, record in records:
+            ps = flat(record, line)
+            pending.append((record, ps))
+            size += len(ps)
+            if size >= chunk:
+                yield from flush()
+                size = 0
+        yield from flush()
 
 
 def check_score_ids(kind: str, records: list[tuple[int, dict[str, Any]]], data: RetrievalDataset,

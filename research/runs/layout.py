@@ -11,8 +11,9 @@ An evaluation folder holds ``run.trec``, ``metrics.json`` and ``per_query.json``
 :mod:`research.eval.evaluation`, and re-exported here. A sweep folder ``runs/sweeps/<sweep>`` holds
 ``sweep_state.json``, ``sweep_events.jsonl``, ``report/`` (``report.csv``, ``runs.csv``, ``report.md``) and one run
 folder per run, which adds ``override.yaml``, ``sweep_run.json``, ``stdout.log`` and, once the run is complete,
-``FINISHED``. ``research reproduce FILE`` writes ``runs/reproduce/<file>/reproduce.md`` and, per row, ``<row>/``
-with ``log.txt``, ``reproduce.json``, the row's run file and, for a re-ranker it trains, the run folder ``train/``.
+``FINISHED``. ``research reproduce FILE`` writes ``runs/reproduce/<file>/reproduce.md`` (with ``reproduce.json``, the
+rows' results, beside it) and, per row, ``<row>/`` with ``log.txt``, ``reproduce.json``, the row's run file and, for a
+re-ranker it trains, the run folder ``train/``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Resuming a ``research fit`` run: ``--ckpt_path last`` resumes ``<run_dir>/checkpoints/last.ckpt``, an existing
-checkpoint is never overwritten by a fresh run that was not asked to resume, and the interrupted attempt's records
-are kept."""
+checkpoint is never overwritten by a fresh run that was not asked to resume, a finished run (``model/``,
+``eval_after/``, ``FINISHED``) is replaced only with ``--overwrite true``, and the interrupted attempt's records are
+kept."""
 
 from __future__ import annotations
 
@@ -9,13 +10,22 @@ import sys
 from pathlib import Path
 
 from research.errors import ResearchError
-from research.runs.layout import CONFIG_FILE, HPARAMS_FILE, METRICS_CSV, last_checkpoint
+from research.runs.layout import (
+    CONFIG_FILE,
+    EVAL_AFTER,
+    FINISHED_MARKER,
+    HPARAMS_FILE,
+    METRICS_CSV,
+    MODEL_DIR,
+    last_checkpoint,
+)
 from research.training.tracking import RUN_INFO_FILE
 
 
 def check_resume(subcommand: str, run_dir: str | Path | None, ckpt_path: str | None,
-                 argv: list[str] | None = None) -> None:
-    """Refuse to start a fresh ``fit`` over an earlier run's checkpoints; explain ``--ckpt_path last``."""
+                 argv: list[str] | None = None, overwrite: bool = False) -> None:
+    """Refuse to start a fresh ``fit`` over an earlier run's checkpoints, or over a finished run unless ``overwrite``
+    (:func:`finished_run`); explain ``--ckpt_path last``."""
     if subcommand != "fit":
         return
     if ckpt_path == "last" and not run_dir:
@@ -38,6 +48,16 @@ def check_resume(subcommand: str, run_dir: str | Path | None, ckpt_path: str | N
             f"{run_dir} holds an earlier run's checkpoint {last}: resume it with `{command} --ckpt_path last`, "
             f"or start over in another --run_dir (or after deleting {last.parent})"
         )
+    elif ckpt_path is None and not overwrite and (found := finished_run(run_dir)):
+        raise ResearchError(f"{run_dir} holds a finished run ({', '.join(found)}): a new fit would replace it; "
+                            f"pass --overwrite true to replace it, or choose another --run_dir")
+
+
+def finished_run(run_dir: str | Path) -> list[str]:
+    """What marks ``run_dir`` as holding a finished run: its ``model/``, ``eval_after/`` and ``FINISHED``."""
+    run_dir = Path(run_dir)
+    return [f"{name}/" if (run_dir / name).is_dir() else name for name in (MODEL_DIR, EVAL_AFTER, FINISHED_MARKER)
+            if (run_dir / name).exists()]
 
 
 def launched_as_rank_zero() -> bool:

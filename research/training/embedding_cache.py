@@ -1,8 +1,14 @@
-"""A disk cache of corpus embeddings keyed on the model's weights and settings and on the corpus text.
+"""The corpus-embedding cache: an index directory per key of everything that changes an embedding, and the
+evaluation-time encoder that fills it with each rank's share of the shards.
 
-Re-evaluating an unchanged model on an unchanged corpus (``evaluate_before_fit`` in every run of a sweep, repeated
-``research evaluate`` calls) then skips corpus encoding. The key hashes every parameter, so a trained model never
-hits the entry of its starting point. Files are safetensors, written atomically.
+The key is :meth:`research.retrieval.index.manifest.IndexManifest.key`: the weights (every parameter and buffer, each
+rank's local shard of them under FSDP / ZeRO-3, combined over ranks) and the tokenizer, pooling, normalisation, prefix
+and max length, precision, storage dtype, dimension, the corpus (digest and size), shard size, device type and, under
+reduced precision, the batch size. Re-evaluating an unchanged model on an unchanged corpus (``evaluate_before_fit``
+in every run of a sweep, repeated ``research evaluate`` calls) finds the complete directory and encodes nothing; a
+trained model never hits the entry of its starting point. The directory is an ordinary index directory
+(:class:`research.retrieval.index.search.ShardedIndex` reads it). Under several processes every rank must see the cache folder (``$RESEARCH_CACHE_DIR`` on a
+shared filesystem across nodes): each writes its shards there and all ranks search them.
 """
 
 from __future__ import annotations
@@ -10,14 +16,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+import shutil
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
 
-from research.io import atomic_write
+from research.errors import ResearchError
+from research.retrieval.index.encode import ShardBatches, corpus_digest, encode_missing, prepare_directory
+from research.retrieval.index.manifest import IndexManifest, weights_digest
+from research.retrieval.index.shards import missing_shards
+from research.training.distributed import is_distributed, rank, world_size
 
 
 def cache_root() -> Path:
@@ -36,26 +47,74 @@ def fingerprint(model: nn.Module, settings: dict, documents: Iterable[tuple[str,
     return digest.hexdigest()
 
 
-class EmbeddingCache:
-    def __init__(self, root: Path | None = None) -> None:
-        self.root = Path(root) if root is not None else cache_root()
+def cache_dir(manifest: IndexManifest, cached: bool = True) -> Path:
+    """The index directory of ``manifest``'s key; ``cached=False``: a scratch one, emptied before and after use."""
+    return cache_root() / (manifest.key() if cached else f"uncached-{manifest.key()}")
 
-    def _paths(self, key: str) -> tuple[Path, Path]:
-        return self.root / f"{key}.safetensors", self.root / f"{key}.ids.json"
 
-    def load(self, key: str) -> tuple[list[str], torch.Tensor] | None:
-        tensors, ids = self._paths(key)
-        if not (tensors.is_file() and ids.is_file()):
-            return None
-        doc_ids = json.loads(ids.read_text())
-        embeddings = load_file(tensors)["embeddings"]
-        return (doc_ids, embeddings) if len(doc_ids) == embeddings.shape[0] else None
+def evaluation_shard_size(count: int) -> int:
+    """Rows per shard for evaluation: 8 shards for small corpora (so up to 8 ranks share the work), at most 8192
+    rows (memory). A function of the corpus size only: 1 and N ranks write the same shards."""
+    return max(1, min(8192, -(-count // 8)))
 
-    def save(self, key: str, doc_ids: list[str], embeddings: torch.Tensor) -> None:
-        tensors, ids = self._paths(key)
-        self.root.mkdir(parents=True, exist_ok=True)
-        with atomic_write(ids) as handle:  # ids first: an entry counts only once its tensor file exists too
-            json.dump(doc_ids, handle)
-        tmp = tensors.with_suffix(".tmp")
-        save_file({"embeddings": embeddings.contiguous()}, str(tmp))
-        os.replace(tmp, tensors)
+
+def _gather(value):
+    if not is_distributed():
+        return [value]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def model_fingerprint(encoder: nn.Module, tokenizer) -> str:
+    """:func:`weights_digest` of what this rank holds, combined over ranks (equal on every rank)."""
+    digests = _gather(weights_digest(encoder, tokenizer))
+    if len(set(digests)) == 1:
+        return digests[0]
+    return hashlib.blake2b("".join(digests).encode(), digest_size=20).hexdigest()
+
+
+def encode_corpus(encoder, corpus: Mapping, embed: Callable[[list[str]], Tensor], *, model_name: str, precision: str,
+                  batch_size: int, device_type: str, cached: bool = True, shard_size: int | None = None,
+                  dtype: str = "float32") -> Path:
+    """Make the complete index directory of ``corpus`` under ``encoder``, every rank encoding its share of the
+    missing shards with ``embed`` (a collective: every rank calls it; ranks call ``embed`` equally often, padding
+    with one-text batches, because a forward under FSDP or ZeRO-3 is itself a collective)."""
+    config = encoder.config
+    manifest = IndexManifest(
+        model=model_name, model_fingerprint=model_fingerprint(encoder, encoder.tokenizer), pooling=config.pooling,
+        normalize=config.normalize, document_prefix=config.document_prefix, max_length=config.document_max_length,
+        precision=precision, dtype=dtype, dim=encoder.dimension, count=len(corpus), corpus_digest=corpus_digest(corpus),
+        shard_size=shard_size or evaluation_shard_size(len(corpus)), batch_size=batch_size, device_type=device_type)
+    directory = cache_dir(manifest, cached)
+    if rank() == 0:
+        if not cached:
+            shutil.rmtree(directory, ignore_errors=True)
+        prepare_directory(directory, manifest, "this evaluation")
+    _barrier()
+    dataset = ShardBatches(corpus, manifest, directory, batch_size)
+    dataset.prepare(rank(), world_size())
+    _barrier()  # every rank has its plan before any shard is written
+    most = max(_gather(dataset.num_batches()))
+    encode_missing(dataset, embed, f"encoding corpus shards (rank {rank()})" if is_distributed() else "encoding corpus")
+    with torch.inference_mode():
+        for _ in range(most - dataset.num_batches()):
+            embed(["."])
+    _barrier()
+    left = missing_shards(directory, manifest)
+    if left:
+        raise ResearchError(f"{directory}: {len(left)} shards missing after encoding on rank {rank()}: every rank "
+                            f"must see the same cache folder (set RESEARCH_CACHE_DIR to a shared filesystem)")
+    return directory
+
+
+def release(directory: Path, cached: bool) -> None:
+    """After every rank has searched: remove a scratch (uncached) directory."""
+    _barrier()
+    if not cached and rank() == 0:
+        shutil.rmtree(directory, ignore_errors=True)

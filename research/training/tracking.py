@@ -43,8 +43,13 @@ def default_logger(run_dir: Path, name: str, project: str = "research", group: s
     mode = wandb_mode()
     if mode == "disabled":
         return CSVLogger(save_dir=str(run_dir), name="", version="")
-    return WandbLogger(project=os.environ.get("WANDB_PROJECT", project), name=name, save_dir=str(run_dir),
-                       offline=mode == "offline", group=group)
+    logger = WandbLogger(project=os.environ.get("WANDB_PROJECT", project), name=name, save_dir=str(run_dir),
+                         offline=mode == "offline", group=group)
+    # Lightning passes anonymous=None to wandb.init, which wandb >= 0.19 answers with a deprecation warning on every
+    # run: leave the setting out, as a user who never asked for it would
+    if logger._wandb_init.get("anonymous", "unset") is None:
+        del logger._wandb_init["anonymous"]
+    return logger
 
 
 def run_info(seed: int | None = None) -> dict:

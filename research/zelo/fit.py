@@ -20,6 +20,7 @@ from scipy.special import expit, log_expit, log_ndtr
 from research.data.votes import Vote
 from research.errors import DataFormatError
 from research.io import iter_jsonl, require_field, write_jsonl
+from research.progress import track
 
 ELO_PER_NAT = 400.0 / math.log(10.0)  # Elo: P(a beats b) = 1 / (1 + 10 ** (-(elo_a - elo_b) / 400))
 
@@ -182,7 +183,7 @@ def fit_votes(
     for vote in votes:
         grouped.setdefault(vote.query_id, []).append(vote)
     elo: dict[str, dict[str, float]] = {}
-    for query_id, query_votes in grouped.items():
+    for query_id, query_votes in track(grouped.items(), "fitting", total=len(grouped), unit="queries"):
         index: dict[str, int] = {}
         for vote in query_votes:
             index.setdefault(vote.doc_a, len(index))

@@ -21,6 +21,7 @@ from research.data.candidates import ranked_candidates
 from research.data.votes import Vote, append_votes, read_votes, voted_pairs
 from research.errors import ResearchError
 from research.io import write_jsonl
+from research.progress import stage
 from research.seeds import key_seed
 from research.zelo.fit import ELO_PER_NAT
 from research.zelo.judges import Ensemble, Judge
@@ -97,6 +98,10 @@ def collect_votes(data: RetrievalDataset, pairs: Sequence[PlannedPair], judge: J
     stats = CollectStats(planned=len(pairs), already=len(pairs) - len(todo), collected=0)
 
     def votes() -> Iterator[Vote]:
+        with stage("judging pairs", total=len(todo), unit="pairs") as step:
+            yield from judged(step)
+
+    def judged(step) -> Iterator[Vote]:
         for chunk in _chunks(todo, batch_size):
             queries = [data.queries[p.query_id] for p in chunk]
             docs_a = [data.corpus[p.doc_a].full_text for p in chunk]
@@ -109,6 +114,7 @@ def collect_votes(data: RetrievalDataset, pairs: Sequence[PlannedPair], judge: J
             for pair, p, judges in zip(chunk, probabilities, per_judge, strict=True):
                 yield Vote(pair.query_id, pair.doc_a, pair.doc_b, min(1.0, max(0.0, float(p))), judges)
                 stats.collected += 1
+            step.advance(len(chunk))
             if progress is not None:
                 progress(stats.already + stats.collected, stats.planned)
 

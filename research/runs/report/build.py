@@ -85,7 +85,7 @@ def make_report(source: str | Path, baseline: str | None = None, metrics: Sequen
         handle.write(text)
     if not quiet:
         print(text)
-        print(f"wrote {out / layout.REPORT_MD}, {out / layout.REPORT_CSV}, {out / layout.RUNS_CSV}, "
-              + ", ".join(map(str, plots)))
+        print(f"wrote {out}/: " + ", ".join([layout.REPORT_MD, layout.REPORT_CSV, layout.RUNS_CSV,
+                                               *(p.name for p in plots)]))
     return {"summaries": summaries, "baseline": base_summary, "out": out, "plots": plots, "metrics": metrics,
             "primary": primary}

@@ -14,6 +14,12 @@ from research.runs.report.summary import ConfigSummary
 from research.runs.sweep.naming import short_key, short_value
 
 
+def plot_name(metrics: Sequence[str], param: str | None) -> str:
+    """``metrics_by_loss.png`` (every metric's panel), or ``nDCG_10_by_loss.png`` when the report has one metric."""
+    what = metrics[0] if len(metrics) == 1 else "metrics"
+    return re.sub(r"[^A-Za-z0-9]+", "_", f"{what}_by_{short_key(param) if param else 'configuration'}").strip("_") + ".png"
+
+
 def plot(summaries: Sequence[ConfigSummary], metrics: Sequence[str], param: str | None, out: Path,
          baseline: ConfigSummary | None, title: str) -> Path:
     """Mean ± std over seeds of each metric by ``param`` (one panel per metric), every seed as a dot.
@@ -94,8 +100,7 @@ def plot(summaries: Sequence[ConfigSummary], metrics: Sequence[str], param: str 
     fig.suptitle(title, fontsize=10)
     rows = math.ceil(len(labels) / 6)
     fig.tight_layout(rect=(0, 0.04 + 0.05 * rows, 1, 1))
-    name = re.sub(r"[^A-Za-z0-9]+", "_", f"{metrics[0]}_by_{short_key(param) if param else 'configuration'}").strip("_")
-    path = out / f"{name}.png"
+    path = out / plot_name(metrics, param)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "wb") as handle:  # a complete PNG or the previous one
         fig.savefig(handle, format="png", dpi=120)

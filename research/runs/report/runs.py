@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,11 +43,20 @@ def resolve_source(source: str | Path, root: str | Path = layout.RUNS_ROOT) -> P
     path = Path(source)
     if path.is_dir():
         return path
-    for candidate in (Path(root) / layout.SWEEPS_DIR / str(source), Path(root) / str(source)):
+    sweeps = Path(root) / layout.SWEEPS_DIR
+    for candidate in (sweeps / str(source), Path(root) / str(source)):
         if candidate.is_dir():
             return candidate
-    sweep_folder = Path(root) / layout.SWEEPS_DIR / str(source)
-    raise ResearchError(f"no runs found for {source!r}: not a folder, nor {sweep_folder} or {Path(root) / str(source)}")
+    if path.exists():
+        raise ResearchError(f"no runs found: {source} is a file, not a folder of runs")
+    if len(path.parts) > 1 or path.is_absolute():  # a path, not a name to look up
+        raise ResearchError(f"no runs found: {source}: no such folder")
+    names = sorted({p.name for folder in (sweeps, Path(root)) if folder.is_dir() for p in folder.iterdir()
+                    if p.is_dir() and p.name != layout.SWEEPS_DIR})
+    close = difflib.get_close_matches(str(source), names, n=1, cutoff=0.6)
+    raise ResearchError(f"no runs found: no folder, sweep or run group named {str(source)!r} (looked in {sweeps}/ "
+                        f"and {root}/)"
+                        + (f"; did you mean {close[0]!r}?" if close else ""))
 
 
 def _is_metric(name: str) -> bool:

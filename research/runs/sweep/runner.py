@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from research.errors import ResearchError
 from research.io import atomic_write, write_json
 from research.runs import layout
 from research.runs.sweep.naming import config_label
@@ -30,14 +31,82 @@ from research.runs.sweep.spec import RunSpec, Sweep, SweepError, expand_runs, lo
 
 def fit_command(configs: Sequence[str], override: Path, run_dir: Path, name: str, fit_args: Sequence[str] = (),
                 ckpt_path: Path | None = None) -> list[str]:
-    """``python -m research.cli fit --config ... --config override.yaml --run_dir D --name N [--ckpt_path C]``."""
+    """``python -m research.cli fit --config ... --config override.yaml --run_dir D --name N --overwrite true
+    [--ckpt_path C]``: the run folder is the sweep's own, so what an unfinished attempt left there is replaced."""
     command = [*layout.RESEARCH_PROGRAM, "fit"]
     for config in configs:
         command += ["--config", str(config)]
-    command += ["--config", str(override), "--run_dir", str(run_dir), "--name", name, *fit_args]
+    command += ["--config", str(override), "--run_dir", str(run_dir), "--name", name, "--overwrite", "true", *fit_args]
     if ckpt_path is not None:
         command += ["--ckpt_path", str(ckpt_path)]
     return command
+
+
+# (the arguments after `research fit`) -> None, or a ResearchError saying why that fit would fail at the start
+FitCheck = Callable[[list[str]], None]
+
+
+def check_runs(sweep: Sweep, runs: Sequence[RunSpec], check: FitCheck, sweep_dir: Path) -> dict[str, str]:
+    """The runs whose resolved configuration ``check`` refuses, with the reason: each run's override file is written
+    to a temporary folder (nothing is written into the sweep folder) and parsed with its exact ``research fit``
+    arguments."""
+    import tempfile
+
+    problems: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="sweep-check-") as tmp:
+        for spec in runs:
+            override = Path(tmp) / spec.run_id / layout.OVERRIDE_FILE
+            override.parent.mkdir(parents=True, exist_ok=True)
+            override.write_text(yaml.safe_dump(override_config(spec.params, spec.seed, sweep.seed_keys),
+                                               sort_keys=False), encoding="utf-8")
+            run_dir = sweep_dir / spec.run_id
+            checkpoint = layout.last_checkpoint(run_dir)
+            command = fit_command(sweep.configs, override, run_dir, sweep.name, sweep.fit_args,
+                                  checkpoint if checkpoint.is_file() else None)
+            try:
+                check(command[len(layout.RESEARCH_PROGRAM) + 1:])
+            except ResearchError as err:
+                problems[spec.run_id] = str(err).replace(f"{override}:", f"{layout.OVERRIDE_FILE}:")
+    return problems
+
+
+def invalid_runs_error(sweep: Sweep, problems: dict[str, str]) -> SweepError:
+    """One line: which parameter (its line in the sweep file) or run is at fault, and that nothing was run."""
+    rid, reason = next(iter(problems.items()))
+    more = f" and {len(problems) - 1} more run(s)" if len(problems) > 1 else ""
+    where = str(sweep.path)
+    for key in _parameter_keys(sweep):
+        if key.replace(".init_args.", ".") in reason.replace(".init_args.", "."):
+            line = _key_line(sweep.path, key) if sweep.path else None
+            where = f"{sweep.path}:{line}: parameter '{key}'" if line else f"{sweep.path}: parameter '{key}'"
+            break
+    return SweepError(f"{where}: run {rid}{more} would fail at the start, so nothing was run: {reason}")
+
+
+def _parameter_keys(sweep: Sweep) -> list[str]:
+    keys = list(sweep.parameters)
+    for spec in sweep.parameters.values():  # the dotted keys inside bundles
+        for value in spec.get("values", []) if isinstance(spec.get("values"), list) else []:
+            if isinstance(value, dict):
+                keys += [k for k in value if "." in k]
+    return sorted(set(keys), key=len, reverse=True)  # the most specific key first
+
+
+def _key_line(path: Path, key: str) -> int | None:
+    for number, text in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        stripped = text.strip().lstrip("{").strip()
+        if stripped.startswith((f"{key}:", f"'{key}':", f'"{key}":')):
+            return number
+    return None
+
+
+def failure_reason(log_path: Path, offset: int = 0) -> str:
+    """Why an attempt failed, from its log (from ``offset``): the ``research: error:`` line, else the last line."""
+    with open(log_path, "rb") as handle:
+        handle.seek(offset)
+        lines = [line.strip() for line in handle.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("research: error:")]
+    return (errors[-1].removeprefix("research: error:").strip() if errors else lines[-1] if lines else "no output")[:500]
 
 
 # A child sweep run dies with the sweep (SIGKILL included): PR_SET_PDEATHSIG survives exec.
@@ -166,6 +235,7 @@ class Runner:
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(f"\n===== attempt {attempts} at {_now()}: {' '.join(command)}\n")
             log.flush()
+            offset = log.tell()
             with self._lock:
                 if self.stop.is_set():
                     return False
@@ -189,8 +259,9 @@ class Runner:
         status = "interrupted" if self.stop.is_set() else "failed"
         if returncode == 0 and status == "failed":
             returncode = f"exit 0 without {layout.EVAL_AFTER}/{layout.METRICS_FILE} (set test_after_fit: true)"
-        self.state.update(rid, status, status=status, returncode=returncode, seconds=seconds)
-        self.say(f"{status} {rid} (return code {returncode}; log: {log_path})")
+        reason = failure_reason(log_path, offset) if status == "failed" else None
+        self.state.update(rid, status, status=status, returncode=returncode, seconds=seconds, reason=reason)
+        self.say(f"{status} {rid} (return code {returncode}" + (f": {reason}" if reason else "") + f"; log: {log_path})")
         return False
 
     def terminate(self, grace: float = 30.0) -> None:
@@ -209,8 +280,11 @@ class Runner:
 
 
 def run_sweep(path: str | Path, parallel: int = 1, max_runs: int | None = None, root: str | Path = layout.SWEEPS_ROOT,
-              quiet: bool = False, retry_failed: bool = True) -> SweepResult:
-    """Run the grid/random sweep of ``path`` locally, skipping finished runs (see :mod:`research.runs.sweep`)."""
+              quiet: bool = False, retry_failed: bool = True, check: FitCheck | None = None) -> SweepResult:
+    """Run the grid/random sweep of ``path`` locally, skipping finished runs (see :mod:`research.runs.sweep`).
+
+    With ``check`` (``research sweep`` passes the fit parser), every run to start is checked first: if any would fail
+    at the start, nothing runs (:class:`SweepError` naming the parameter and the reason)."""
     sweep = load_sweep(path)
     runs = expand_runs(sweep)
     if parallel < 1:
@@ -233,6 +307,9 @@ def run_sweep(path: str | Path, parallel: int = 1, max_runs: int | None = None, 
                 state.update(rid, None, status="finished")
         if max_runs is not None:
             todo = todo[:max_runs]
+        if check is not None and todo and (problems := check_runs(sweep, todo, check, sweep_dir)):
+            state.event("sweep_invalid", runs=sorted(problems))
+            raise invalid_runs_error(sweep, problems)
         state.event("sweep_start", runs=len(runs), finished_before=len(skipped), to_run=len(todo), parallel=parallel)
         runner.say(f"{len(runs)} runs: {len(skipped)} already finished, {len(todo)} to run now "
                    f"({parallel} at a time) in {sweep_dir}")
@@ -267,16 +344,23 @@ def run_sweep(path: str | Path, parallel: int = 1, max_runs: int | None = None, 
         return SweepResult(sweep_dir, finished, skipped, failed, remaining)
 
 
-def status_table(path: str | Path, root: str | Path = layout.SWEEPS_ROOT) -> list[dict[str, Any]]:
-    """Each run of a sweep with its status, attempts and seconds (for ``research sweep FILE --status``)."""
+def status_table(path: str | Path, root: str | Path = layout.SWEEPS_ROOT,
+                 check: FitCheck | None = None) -> list[dict[str, Any]]:
+    """Each run of a sweep with its status, attempts, seconds and, for a failed or ``invalid`` one (``check`` refuses
+    its configuration), the reason (for ``research sweep FILE --status``)."""
     sweep = load_sweep(path)
     sweep_dir = sweep_dir_for(sweep, root)
     state_path = sweep_dir / layout.SWEEP_STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"runs": {}}
+    runs = expand_runs(sweep)
+    unfinished = [spec for spec in runs if not is_finished(sweep_dir / spec.run_id)]
+    problems = check_runs(sweep, unfinished, check, sweep_dir) if check is not None and unfinished else {}
     rows = []
-    for spec in expand_runs(sweep):
+    for spec in runs:
         entry = state["runs"].get(spec.run_id, {})
-        status = "finished" if is_finished(sweep_dir / spec.run_id) else entry.get("status", "pending")
+        status = "finished" if is_finished(sweep_dir / spec.run_id) else "invalid" if spec.run_id in problems \
+            else entry.get("status", "pending")
+        reason = problems.get(spec.run_id) or (entry.get("reason") if status == "failed" else None)
         rows.append({"run": spec.run_id, "label": config_label(spec.swept), "seed": spec.seed, "status": status,
-                     "attempts": entry.get("attempts", 0), "seconds": entry.get("seconds")})
+                     "attempts": entry.get("attempts", 0), "seconds": entry.get("seconds"), "reason": reason})
     return rows
