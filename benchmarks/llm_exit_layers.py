@@ -128,9 +128,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=32, help="pairs per backbone batch")
     parser.add_argument("--shard-size", type=int, default=256, help="pairs per state-cache shard (the resume grain)")
     parser.add_argument("--state-cache", default=None, help="state cache root (default $RESEARCH_CACHE_DIR/llm_states)")
-    parser.add_argument("--timing-pairs", type=int, default=64)
+    parser.add_argument("--timing-pairs", type=int, default=128)
     parser.add_argument("--timing-batch", type=int, default=16)
-    parser.add_argument("--timing-repeats", type=int, default=1)
+    parser.add_argument("--timing-repeats", type=int, default=3)
     parser.add_argument("--work", default="runs/llm_layers/bench", help="per-stage scores and timings (resumable)")
     parser.add_argument("--out", default="experiments/results/llm_layers", help="table.md, results.json, layers.png")
     return parser.parse_args(argv)
@@ -182,7 +182,8 @@ def main(argv=None) -> None:
             scores[(name, role)] = result["scores"]
     choice = choose_threshold(splits, scores, layers, list(stages)[-1])
     last = list(stages)[-1]
-    timing_path = work / f"timing-{last}-{tag}.pt"
+    # the measured adaptive pass runs at the chosen threshold: a new choice is a new measurement
+    timing_path = work / f"timing-{last}-{tag}-p{args.timing_pairs}-r{args.timing_repeats}-t{choice['threshold']:g}.pt"
     timing = cached(timing_path, lambda: time_exits(load_and_calibrate(last, stages[last], args, choice), splits["test"][0],
                                                     splits["test"][2][: args.timing_pairs], args, choice["threshold"]))
     write_report(Path(args.out), args, stages, splits, scores, layers, timing, choice)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 WEIGHTS = [round(0.1 * i, 1) for i in range(11)]
-THRESHOLDS = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0, math.inf]
+THRESHOLDS = [0.25 * i for i in range(25)] + [7.0, 8.0, math.inf]  # calibrated log-odds: most pairs sit near -3
 TOLERANCE = 0.01
 METRICS = ("nDCG@10", "RR@10")
 
@@ -139,7 +139,8 @@ def markdown(result: dict, layers, stages, timing, header: str) -> str:
     rows, sig, bm25 = result["rows"], result["significance"], result["bm25"]["test"]
     seconds = timing["seconds_per_100"]
     names = " / ".join(stages)
-    lines = [header, "", f"BM25 alone: nDCG@10 {bm25['nDCG@10']:.4f}, RR@10 {bm25['RR@10']:.4f}.", "",
+    lines = [header, "", f"BM25 alone: nDCG@10 {bm25['nDCG@10']:.4f}, RR@10 {bm25['RR@10']:.4f} "
+             f"(dev: {result['bm25']['dev']['nDCG@10']:.4f}, {result['bm25']['dev']['RR@10']:.4f}).", "",
              f"| exit layer | s / 100 docs | nDCG@10 {names} | RR@10 {names} | nDCG@10 interpolated {names} "
              f"(dev weight) | RR@10 interpolated {names} |", "|---:|---:|---|---|---|---|"]
     for layer in layers:
@@ -160,9 +161,19 @@ def markdown(result: dict, layers, stages, timing, header: str) -> str:
         parts += [cell(f"{s} L{layer} vs untrained") + " | " + cell(f"{s} L{layer} interpolated vs untrained interpolated")
                   for s in stages[1:]]
         lines.append(f"| {layer} | " + " | ".join(parts) + " |")
+    lines += ["", "Chosen on dev (the exit layer with the best dev nDCG@10, raw and interpolated), scored on test:", "",
+              "| stage | exit layer | dev nDCG@10 | test nDCG@10 | test RR@10 | interpolated: exit layer (weight) | "
+              "dev nDCG@10 | test nDCG@10 | test RR@10 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for stage in stages:
+        raw = max(layers, key=lambda l: rows[(stage, l)]["dev"]["nDCG@10"])
+        fused = max(layers, key=lambda l: rows[(stage, l)]["dev_interpolated"])
+        r, f = rows[(stage, raw)], rows[(stage, fused)]
+        lines.append(f"| {stage} | {raw} | {r['dev']['nDCG@10']:.4f} | {r['test']['nDCG@10']:.4f} | {r['test']['RR@10']:.4f} "
+                     f"| {fused} ({f['weight']:g}) | {f['dev_interpolated']:.4f} | {f['test_interpolated']['nDCG@10']:.4f} "
+                     f"| {f['test_interpolated']['RR@10']:.4f} |")
     lines += ["", "Adaptive exit (calibration and threshold chosen on dev; test nDCG@10 against mean decoder blocks run "
               "per document):", "", "| stage | threshold | mean layers run | nDCG@10 | RR@10 | nDCG@10 interpolated "
-              "(dev weight) | full depth nDCG@10 |", "|---|---:|---:|---:|---:|---:|---:|"]
+              "(dev weight) | threshold inf nDCG@10 |", "|---|---:|---:|---:|---:|---:|---:|"]
     for stage, adaptive in result["adaptive"].items():
         chosen, full = adaptive["test_chosen"], adaptive["test_curve"][-1]
         lines.append(f"| {stage} | {chosen['threshold']:g} | {chosen['mean_layers_run']:.1f} | {chosen['nDCG@10']:.4f} | "

@@ -252,9 +252,9 @@ def test_research_rerank_exit_flags(llama_dir_exit, tiny_beir_dir, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- the layer table
 def test_exit_layer_benchmark_writes_the_table_from_cached_states(llama_dir_exit, tiny_beir_dir, tmp_path):
-    from benchmarks.llm_exit_layers import main
     from test_llm_reranker import perturb
 
+    from benchmarks.llm_exit_layers import main
     from research.data.splits import write_dev_split
 
     data = write_dev_split(tiny_beir_dir, tmp_path / "beir-dev", dev_share=0.5)

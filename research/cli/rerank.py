@@ -46,17 +46,22 @@ def cmd_rerank(args: argparse.Namespace) -> None:
     first_stage = evaluate_run(candidates, data.qrels, relevance_level=args.relevance_level)
     scorer = load_scorer(args.model, ScorerOptions(max_length=args.max_length, trust_remote_code=args.trust_remote_code,
                                                    device=device))
+    set_exit_rule(scorer, args.exit_layer, args.adaptive_exit)
     with inference_autocast(args.precision, device):
         run = rerank_run(scorer, data, candidates, top_k=args.top_k, batch_size=args.batch_size, query_ids=query_ids)
     evaluation = evaluate_run(run, data.qrels, relevance_level=args.relevance_level)
+    exits = exit_report(scorer, args.exit_layer, args.adaptive_exit)
     info = dict(data=str(args.data), split=args.split, candidates=str(args.candidates), top_k=args.top_k,
                 relevance_level=args.relevance_level, **slice_info(args, data))
     save_evaluation(args.out, evaluation, tag="rerank", model=str(args.model), scorer=type(scorer).__name__,
                     precision=args.precision, candidates_metrics=first_stage.metrics.aggregate, **info,
-                    seconds=round(time.perf_counter() - started, 2))
+                    seconds=round(time.perf_counter() - started, 2), **exits)
     print_metrics(f"candidates ({args.candidates}, top {args.top_k}){describe_slice(args, data)}",
                   first_stage.metrics.aggregate)
     print_metrics(f"re-ranked by {args.model}", evaluation.metrics.aggregate)
+    if exits:
+        print(f"exit: {exits['mean_layers_run']:.2f} decoder blocks per document on average; pairs per exit layer "
+              + ", ".join(f"{layer}: {count}" for layer, count in exits["exit_counts"].items()))
     print(f"{wrote_evaluation(args.out)} ({time.perf_counter() - started:.0f} s)")
     if args.interpolate is not None:
         from research.retrieval.fusion import interpolate
@@ -70,6 +75,30 @@ def cmd_rerank(args: argparse.Namespace) -> None:
         print_metrics(f"interpolated ({args.interpolate:g} x re-ranker + {1 - args.interpolate:g} x candidates)",
                       fused.metrics.aggregate)
         print(wrote_evaluation(fused_dir))
+
+
+def set_exit_rule(scorer, exit_layer: int | None, adaptive_exit: float | None) -> None:
+    """``--exit-layer`` / ``--adaptive-exit``: the layer-wise LLM reranker's exit rule; refused for other scorers."""
+    if exit_layer is None and adaptive_exit is None:
+        return
+    if not hasattr(scorer, "set_exit"):
+        raise ResearchError(f"--exit-layer / --adaptive-exit need a layer-wise LLM reranker, not {type(scorer).__name__}")
+    try:
+        scorer.set_exit(exit_layer, adaptive_exit)
+    except ValueError as err:
+        raise ResearchError(str(err)) from None
+    scorer.exit_counts.clear()
+
+
+def exit_report(scorer, exit_layer: int | None, adaptive_exit: float | None) -> dict:
+    """What metrics.json records of the exit rule: the flags, pairs per exit layer, mean decoder blocks per pair."""
+    if exit_layer is None and adaptive_exit is None:
+        return {}
+    counts = dict(sorted(scorer.exit_counts.items()))
+    total = sum(counts.values())
+    return {"exit_layer": scorer.config.exit_layer, "adaptive_exit": adaptive_exit,
+            "calibrated": bool(scorer.config.calibration), "exit_counts": {str(k): v for k, v in counts.items()},
+            "mean_layers_run": sum(layer * n for layer, n in counts.items()) / total if total else 0.0}
 
 
 def register(sub) -> None:
@@ -89,6 +118,11 @@ def register(sub) -> None:
     add_precision(p)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto, cuda when available)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model folder's own code")
+    p.add_argument("--exit-layer", type=int, default=None, metavar="K",
+                   help="layer-wise LLM reranker: score at decoder layer K, a scored layer (default: the saved one)")
+    p.add_argument("--adaptive-exit", type=float, default=None, metavar="THRESHOLD",
+                   help="layer-wise LLM reranker: each document exits at the first scored layer (up to the exit layer) "
+                        "whose calibrated |log-odds| >= THRESHOLD (0: the first scored layer; inf: the exit layer)")
     p.add_argument("--interpolate", type=float, default=None, metavar="WEIGHT",
                    help="also write OUT/interpolated: WEIGHT x z(re-ranker) + (1 - WEIGHT) x z(candidates) per query "
                         "(default: not written)")
