@@ -14,18 +14,8 @@ import time
 import warnings
 from pathlib import Path
 
-from research.cli.options import add_precision, add_relevance_level, wrote_evaluation
+from research.cli.options import add_precision, add_relevance_level, positive_int, wrote_evaluation
 from research.errors import ResearchError
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _accelerator(name: str) -> str:
@@ -164,16 +154,16 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="model directory, packaged name or hub id")
     p.add_argument("--data", required=True, help="dataset folder or name under $RESEARCH_DATA_DIR (its corpus)")
     p.add_argument("--out", required=True, help="the index directory (created, or resumed when it has a manifest)")
-    p.add_argument("--devices", type=_positive, default=1, help="processes per node (DDP when > 1; default 1)")
-    p.add_argument("--num-nodes", type=_positive, default=1, help="nodes (default 1)")
+    p.add_argument("--devices", type=positive_int, default=1, help="processes per node (DDP when > 1; default 1)")
+    p.add_argument("--num-nodes", type=positive_int, default=1, help="nodes (default 1)")
     p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (default: gpu when visible)")
     add_precision(p, "encoding precision: ")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="stored embeddings (float16 halves the disk and page cache; default float32)")
-    p.add_argument("--batch-size", type=_positive, default=16, help="texts per encoding batch (default 16)")
-    p.add_argument("--shard-size", type=_positive, default=10_000,
+    p.add_argument("--batch-size", type=positive_int, default=16, help="texts per encoding batch (default 16)")
+    p.add_argument("--shard-size", type=positive_int, default=10_000,
                    help="documents per shard: a rank's memory is one shard of texts and embeddings (default 10000)")
-    p.add_argument("--max-length", type=_positive, default=None, help="override the document max length in tokens")
+    p.add_argument("--max-length", type=positive_int, default=None, help="override the document max length in tokens")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model folder's own code")
 
     p = sub.add_parser("search", help="search an index directory: run.trec + metrics.json",
@@ -188,18 +178,18 @@ def register(sub) -> None:
     p.add_argument("--queries", default=None, help="queries from a file instead: qid<TAB>text lines, or BEIR .jsonl")
     p.add_argument("--qrels", default=None, help="qrels file for --queries without --data (TREC or BEIR .tsv)")
     p.add_argument("--out", required=True, help="output directory for run.trec, metrics.json and per_query.json")
-    p.add_argument("--top-k", type=_positive, default=100, help="documents retrieved per query (default 100)")
+    p.add_argument("--top-k", type=positive_int, default=100, help="documents retrieved per query (default 100)")
     p.add_argument("--index-factory", default=None, metavar="STR",
                    help="a faiss index factory string (IVF4096,Flat, IVF16384,PQ64, HNSW32); default: exact search")
-    p.add_argument("--train-size", type=_positive, default=None,
+    p.add_argument("--train-size", type=positive_int, default=None,
                    help="training sample of --index-factory (default: max(100000, 64 per IVF list), at most all)")
-    p.add_argument("--nprobe", type=_positive, default=None, help="IVF lists visited per query")
-    p.add_argument("--efsearch", type=_positive, default=None, help="HNSW search depth")
+    p.add_argument("--nprobe", type=positive_int, default=None, help="IVF lists visited per query")
+    p.add_argument("--efsearch", type=positive_int, default=None, help="HNSW search depth")
     p.add_argument("--gpu", action="store_true", help="search on all GPUs (needs faiss-gpu)")
     p.add_argument("--verify", action="store_true", help="check every shard's checksum before searching")
     p.add_argument("--model", default=None, help="the index's model, when its recorded name does not load here")
-    p.add_argument("--batch-size", type=_positive, default=64, help="queries per encoding batch (default 64)")
-    p.add_argument("--max-length", type=_positive, default=None, help="override the query max length in tokens")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="queries per encoding batch (default 64)")
+    p.add_argument("--max-length", type=positive_int, default=None, help="override the query max length in tokens")
     p.add_argument("--precision", choices=("32-true", "bf16-mixed"), default=None,
                    help="query encoding precision (default: the index's)")
     p.add_argument("--device", default="auto", help="query encoding device (default: cuda when visible)")

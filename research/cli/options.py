@@ -32,15 +32,16 @@ def add_relevance_level(parser: argparse.ArgumentParser, text: str | None = None
 
 def add_slice(parser: argparse.ArgumentParser, docs: bool = True, what: str = "judged queries") -> None:
     """``--max-queries N`` (and ``--max-docs N``): check a command on a slice of the data in seconds."""
-    parser.add_argument("--max-queries", type=_positive, default=None, metavar="N",
+    parser.add_argument("--max-queries", type=positive_int, default=None, metavar="N",
                         help=f"only the first N {what} in file order, as zelo votes --max-queries (default: all)")
     if docs:
-        parser.add_argument("--max-docs", type=_positive, default=None, metavar="N",
+        parser.add_argument("--max-docs", type=positive_int, default=None, metavar="N",
                             help="a corpus of N documents: every document judged for (or a candidate of) the kept "
                                  "queries, then the first others in file order (default: the whole corpus)")
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a positive integer, or one error line saying what was given."""
     try:
         value = int(text)
     except ValueError:
