@@ -99,7 +99,9 @@ def analyse(splits, scores, layers, stages) -> dict:
 
     bm25_dev = evaluate_run(dev_bm25, dev.qrels, METRICS)
     bm25_test = evaluate_run(test_bm25, test.qrels, METRICS)
-    rows, per_query, tests = {}, {}, {}
+    from research.data.candidates import pairs_to_run
+
+    rows, per_query, tests, runs = {}, {}, {}, {}
     for stage in stages:
         for i, layer in enumerate(layers):
             dev_scores, test_scores = scores[(stage, "dev")][:, i], scores[(stage, "test")][:, i]
@@ -108,6 +110,8 @@ def analyse(splits, scores, layers, stages) -> dict:
             weight = max(WEIGHTS, key=lambda w: (dev_fused[w], w))
             raw = evaluate(test_pairs, test_scores, test.qrels).metrics
             fused = evaluate_run(interpolated(test_pairs, test_scores, test_bm25, weight), test.qrels, METRICS).metrics
+            runs[(stage, layer)] = (pairs_to_run(test_pairs, [float(v) for v in test_scores]),
+                                    interpolated(test_pairs, test_scores, test_bm25, weight))
             rows[(stage, layer)] = {"test": raw.aggregate, "test_interpolated": fused.aggregate, "weight": weight,
                                     "dev": evaluate(dev_pairs, dev_scores, dev.qrels).metrics.aggregate,
                                     "dev_interpolated": dev_fused[weight]}
@@ -132,7 +136,7 @@ def analyse(splits, scores, layers, stages) -> dict:
         adaptive[stage] = {**choice, "test_curve": test_curve, "test_chosen": chosen, "weight": weight,
                            "test_chosen_interpolated": chosen_fused.metrics.aggregate}
     return {"bm25": {"dev": bm25_dev.metrics.aggregate, "test": bm25_test.metrics.aggregate}, "rows": rows,
-            "significance": significance(tests), "adaptive": adaptive}
+            "significance": significance(tests), "adaptive": adaptive, "runs": runs}
 
 
 def markdown(result: dict, layers, stages, timing, header: str) -> str:
@@ -255,4 +259,16 @@ def write_report(out: Path, args, stages: dict, splits, scores, layers, timing, 
         "rows": {f"{s} L{l}": v for (s, l), v in result["rows"].items()}, "significance": result["significance"],
         "adaptive": result["adaptive"], "timing": timing_summary, "timing_stage_choice": choice["stage"]})
     plot(result, layers, names, timing, out / "layers.png")
+    write_test_runs(Path(args.work) / "runs", result["runs"])
     print(text)
+
+
+def write_test_runs(folder: Path, runs: dict) -> None:
+    """Every table cell's test run as a TREC file (``{stage}-L{layer}.trec`` and ``...-interpolated.trec``), so
+    that ``research reproduce`` scores a cell from its run (experiments/baselines/scifact.yaml, row llm-layers)."""
+    from research.data.trec import write_run
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for (stage, layer), (raw, fused) in runs.items():
+        write_run(folder / f"{stage}-L{layer}.trec", raw, tag=f"{stage}-L{layer}")
+        write_run(folder / f"{stage}-L{layer}-interpolated.trec", fused, tag=f"{stage}-L{layer}-interpolated")

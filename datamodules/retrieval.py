@@ -134,11 +134,13 @@ class GroupDataset(Dataset):
 
 
 class EncodeDataset(Dataset):
-    """The judged queries of the evaluation split, then the corpus sorted by length (little padding)."""
+    """The judged queries of the evaluation split, then (``with_corpus``) the corpus sorted by length (little
+    padding). Without the corpus the batches hold queries only: memory no longer grows with the corpus."""
 
-    def __init__(self, data: RetrievalDataset, batch_size: int) -> None:
+    def __init__(self, data: RetrievalDataset, batch_size: int, with_corpus: bool = True) -> None:
         queries = list(data.judged_queries.items())
-        docs = sorted(((d, doc.full_text) for d, doc in data.corpus.items()), key=lambda x: len(x[1]), reverse=True)
+        docs = sorted(((d, doc.full_text) for d, doc in data.corpus.items()), key=lambda x: len(x[1]),
+                      reverse=True) if with_corpus else []
         self.batches = [
             EncodeBatch([i for i, _ in chunk], [t for _, t in chunk], is_query)
             for items, is_query in ((queries, True), (docs, False))
@@ -232,10 +234,11 @@ class RetrievalDataModule(L.LightningDataModule):
                         negatives = [n for n in group.negatives if n not in known]
                         groups[qid] = TrainingGroup(qid, positives, negatives, group.scores)
             self._train_set = GroupDataset(self.train_data, groups, hp.num_negatives, hp.seed, relevant)
+        # evaluation reads the corpus through its byte-offset index: no dict of every text on any rank
         if hp.eval_split and self.eval_data is None:
-            self.eval_data = load_dataset(hp.data, hp.eval_split)
+            self.eval_data = load_dataset(hp.data, hp.eval_split, lazy_corpus=True)
         if hp.val_split and self.val_data is None and stage in ("fit", "validate"):
-            self.val_data = load_dataset(hp.data, hp.val_split)
+            self.val_data = load_dataset(hp.data, hp.val_split, lazy_corpus=True)
         if self.val_data is not None:
             check_val_split(self.val_data, {"eval": self.eval_data, "train": self.train_data})
 
@@ -255,12 +258,19 @@ class RetrievalDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         assert self.eval_data is not None, "eval_split is None"
-        return DataLoader(EncodeDataset(self.eval_data, self.hparams.eval_batch_size), batch_size=None)
+        return DataLoader(EncodeDataset(self.eval_data, self.hparams.eval_batch_size, self._corpus_in_batches()),
+                          batch_size=None)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_data is None:  # no val_split: nothing to validate on (Lightning skips an empty list)
             return []
-        return DataLoader(EncodeDataset(self.val_data, self.hparams.eval_batch_size), batch_size=None)
+        return DataLoader(EncodeDataset(self.val_data, self.hparams.eval_batch_size, self._corpus_in_batches()),
+                          batch_size=None)
+
+    def _corpus_in_batches(self) -> bool:
+        """Whether the attached module needs the corpus as evaluation batches (``corpus_in_eval_batches``)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return bool(getattr(module, "corpus_in_eval_batches", True))
 
     def evaluation_target(self, stage: str = "test") -> EvaluationTarget:
         """The qrels and relevance level that the module's ``val`` / ``test`` runs are scored against."""

@@ -55,6 +55,9 @@ class RankingModule(L.LightningModule):
 
     main_run = ""  # the key of evaluation_runs() whose evaluation is last_evaluation
     log_every_term = False  # log train/{term} for a one-term loss too (it equals train/loss)
+    #: whether validation/test need the corpus as batches; a module that encodes the corpus itself (shard by shard,
+    #: at the start of the epoch) says False, and the DataModule leaves the corpus out of its evaluation batches
+    corpus_in_eval_batches = True
 
     def __init__(self) -> None:
         super().__init__()

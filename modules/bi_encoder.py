@@ -85,6 +85,8 @@ class BiEncoderModule(RankingModule):
     negatives of a large batch use ``gradcache_chunk_size`` (one device) and/or ``gather_across_devices`` (many).
     """
 
+    corpus_in_eval_batches = False  # each rank encodes its share of the corpus shards at the start of the epoch
+
     def __init__(
         self,
         model: str = "sentence-transformers/all-MiniLM-L6-v2",

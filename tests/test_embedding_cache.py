@@ -3,6 +3,8 @@ weights, precision or corpus miss; turned off, nothing is kept and the metrics a
 
 from __future__ import annotations
 
+import dataclasses
+
 import lightning as L
 import torch
 
@@ -63,6 +65,8 @@ def test_key_covers_precision_and_corpus(tiny_model_dir, tiny_beir_dir, tmp_path
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.test(module, datamodule=data, verbose=False)
     assert sorted(read_manifest(e).precision for e in _entries(tmp_path)) == ["32-true", "bf16-mixed"]
-    data.eval_data.corpus.popitem()  # another corpus: another entry
+    corpus = dict(data.eval_data.corpus)  # another corpus: another entry
+    corpus.popitem()
+    data.eval_data = dataclasses.replace(data.eval_data, corpus=corpus)
     _, encoded = _evaluate(module, data)
     assert encoded == 35 and len(_entries(tmp_path)) == 3

@@ -65,7 +65,7 @@ def test_two_rank_evaluate_gives_the_one_rank_metrics(tiny_model_dir, tiny_beir_
     assert (tmp_path / "one" / "run.trec").read_text() == (tmp_path / "two" / "run.trec").read_text()
     # the shards do not depend on the rank count: 2 ranks find the 1-rank run's cache entry complete
     again = _run(tmp_path, *common, "--out", str(tmp_path / "again"), "--devices", "2", cache="cache-one")
-    assert _per_rank(again.stderr, "encoding corpus shards") == {0: 0, 1: 0}
+    assert "encoding corpus" not in again.stderr, again.stderr[-3000:]  # every shard cached: no rank encodes
     assert (tmp_path / "again" / "run.trec").read_text() == (tmp_path / "one" / "run.trec").read_text()
 
 

@@ -277,6 +277,16 @@ def test_exit_layer_benchmark_writes_the_table_from_cached_states(llama_dir_exit
     assert (tmp_path / "out" / "layers.png").stat().st_size > 10_000
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| 4 |" in table and "Adaptive exit" in table
+    # each cell's test run is written, and scores the cell's figure (research reproduce scores these files)
+    from research.data.beir import load_dataset
+    from research.data.trec import read_run
+    from research.eval.metrics import compute_metrics
+
+    qrels = load_dataset(data, "test").qrels
+    for cell, key in (("stage1-L4-interpolated", "test_interpolated"), ("untrained-L2", "test")):
+        scored = compute_metrics(read_run(tmp_path / "work" / "runs" / f"{cell}.trec"), qrels, ["nDCG@10"])
+        name = cell.replace("-interpolated", "").replace("-L", " L")
+        assert abs(scored.aggregate["nDCG@10"] - result["rows"][name][key]["nDCG@10"]) < 1e-12
     # untrained and stage 1 share the frozen backbone: its states were computed once, for both splits
     states = sum(1 for _ in (tmp_path / "states").rglob("shard-*.safetensors"))
     main([*common, "--stage", f"stage1={tmp_path / 'stage1'}", "--out", str(tmp_path / "again")])  # resumes from work/

@@ -130,6 +130,12 @@ def test_evaluate_replaces_lightnings_bar_with_stages(tiny_model_dir, tiny_beir_
     assert re.search(r"^encoding queries: 3 texts in ", captured.err, re.M), captured.err
     assert "Testing" not in captured.err and "it/s" not in captured.err
     assert f"wrote {tmp_path / 'dense' / 'run.trec'}, " in captured.out
+    assert re.search(r"^encoding corpus: 36 texts in ", captured.err, re.M), captured.err
+    assert "encoding documents" not in captured.err  # the module encodes the corpus: no document batches come
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(tiny_beir_dir), "--out",
+                 str(tmp_path / "again"), "--max-queries", "3"]) == 0
+    again = capsys.readouterr().err
+    assert "encoding corpus" not in again and "encoding documents" not in again, again  # the cached shards serve
 
 
 # ------------------------------------------------------------------ noise

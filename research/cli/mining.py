@@ -42,7 +42,8 @@ def cmd_mine(args: argparse.Namespace) -> None:
                           device=resolve_device(args.device), batch_size=args.batch_size,
                           rescore_batch_size=args.rescore_batch_size)
     started = time.perf_counter()
-    data = slice_corpus(slice_queries(load_dataset(args.data, args.split), args.max_queries), args.max_docs)
+    data = slice_corpus(slice_queries(load_dataset(args.data, args.split, lazy_corpus=True), args.max_queries),
+                        args.max_docs)  # the corpus through its offset index: no dict of every text
 
     def on_batch(number: int, total) -> None:
         if args.verbose:

@@ -33,17 +33,19 @@ def evaluation_trainer(precision: str = "32-true", callbacks=None, devices: int 
                      callbacks=callbacks)
 
 
-def load_slice(args: argparse.Namespace):
-    """The ``--data`` split, cut to ``--max-queries`` / ``--max-docs`` when given."""
+def load_slice(args: argparse.Namespace, lazy_corpus: bool = False):
+    """The ``--data`` split, cut to ``--max-queries`` / ``--max-docs`` when given; ``lazy_corpus`` reads the corpus
+    through its byte-offset index instead of a dict of every text."""
     from research.data.beir import load_dataset
 
-    data = slice_queries(load_dataset(args.data, args.split), args.max_queries)
+    data = slice_queries(load_dataset(args.data, args.split, lazy_corpus=lazy_corpus), args.max_queries)
     return slice_corpus(data, args.max_docs)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     started = time.perf_counter()
-    data = load_slice(args)  # before torch and the model: a wrong --data fails in a second, not after loading weights
+    # before torch and the model: a wrong --data fails in a second, not after loading weights
+    data = load_slice(args, lazy_corpus=True)
     from datamodules.retrieval import RetrievalDataModule
     from modules.bi_encoder import BiEncoderModule
     from research.cli.stages import EvaluationProgress

@@ -1,8 +1,8 @@
 """Lightning's test batches as :mod:`research.progress` stages, in place of its ``Testing 0/316`` bar: ``encoding
 queries`` and ``encoding documents`` for a bi-encoder's encode batches, ``scoring pairs`` for pair batches, else
 ``testing`` batches. What the module reports itself is left to it: its epoch end (search, metrics), and the corpus
-when it encoded it at the start of the test (a stage finished between the test's start and its first batch), after
-which the document batches are no work of their own and are not reported."""
+when it encodes it itself (``corpus_in_eval_batches`` False): document batches that still come are then no work and
+are not reported."""
 
 from __future__ import annotations
 
@@ -49,14 +49,11 @@ class EvaluationProgress(L.Callback):
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._totals = stage_totals(trainer.test_dataloaders)
-        self._started_with = progress.finished()  # callbacks' on_test_start runs before the module's
-        self._module_reported: bool | None = None
+        self._skips_documents = not getattr(pl_module, "corpus_in_eval_batches", True)
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         label, unit, self._count = batch_stage(batch)
-        if self._module_reported is None:
-            self._module_reported = progress.finished() > self._started_with
-        if label == "encoding documents" and self._module_reported:
+        if label == "encoding documents" and self._skips_documents:
             self._close()
             self._label, self._count = label, 0
             return

@@ -176,6 +176,8 @@ def encode_missing(dataset: ShardBatches, embed: Callable[[list[str]], Tensor | 
     """Encode and write every shard of ``dataset``'s plan in this process (prepared already); the shards written."""
     buffer = ShardBuffer(dataset.directory, dataset.manifest)
     total = sum(dataset.manifest.shard_rows(s)[1] for s in dataset.shards or [])
+    if not total:  # every shard of this process's plan is written already: no stage to report
+        return []
     with torch.inference_mode(), progress.stage(label, total=total, unit="texts") as step:
         for batch in dataset:
             buffer.add(batch, embed(batch.texts))

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,6 +53,13 @@ def program(argv: Sequence[str]) -> list[str]:
     return [*layout.RESEARCH_PROGRAM, *argv[1:]] if argv and argv[0] == "research" else list(argv)
 
 
+def row_environment() -> dict[str, str]:
+    """The environment of a row's commands: a script (``bash ...``) finds this very ``research`` program and Python
+    in ``$RESEARCH`` and ``$PYTHON``, whatever the PATH."""
+    return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RESEARCH": shlex.join(layout.RESEARCH_PROGRAM),
+            "PYTHON": sys.executable}
+
+
 def clear(out: Path, extra: Sequence[Path]) -> None:
     """Delete the row's folder and its outputs elsewhere, so that nothing an earlier run left can be scored."""
     guarded = {Path.cwd().resolve(), out.resolve()}  # never the working folder, the out root, or a folder above them
@@ -93,7 +102,7 @@ def run_row(row: Row, out: Path, reuse: bool = False, definition_row: Row | None
             log.write(f"\n===== {shown}\n")
             log.flush()
             code = subprocess.run(program(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}).returncode
+                                  env=row_environment()).returncode
         if code != 0:
             tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
             return RowResult(written, {}, "error", time.perf_counter() - started,
