@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.loader import ResumableDataLoader
-from datamodules.retrieval import EpochShuffleSampler, EvaluationTarget, check_val_split
+from datamodules.retrieval import EpochShuffleSampler, EvaluationTarget, check_queries_without_relevant, check_val_split
 from research.data.batches import PairBatch, PairGroupBatch
 from research.data.beir import RetrievalDataset, load_dataset
 from research.data.candidates import CandidatePair, candidate_pairs, ranked_candidates
@@ -214,6 +214,8 @@ class RerankingDataModule(L.LightningDataModule):
             ``train_split`` (:func:`~datamodules.retrieval.check_val_split`).
         val_candidates: the validation candidates (default: ``eval_candidates`` when that is ``bm25``; a run file
             for the eval split holds no val query, so name one for the val split).
+        relevance_level, queries_without_relevant: how validation and test are scored (``research.eval.metrics``):
+            the lowest relevant grade, and ``exclude`` (default) or ``trec_eval`` for queries with no relevant document.
     """
 
     def __init__(
@@ -226,12 +228,14 @@ class RerankingDataModule(L.LightningDataModule):
         batch_size: int = 16,
         eval_batch_size: int = 64,
         relevance_level: int = 1,
+        queries_without_relevant: str = "exclude",
         seed: int = 0,
         num_workers: int = 0,
         val_split: str | None = None,
         val_candidates: str | None = None,
     ) -> None:
         super().__init__()
+        check_queries_without_relevant(queries_without_relevant)
         self.save_hyperparameters()
         self.train_data: RetrievalDataset | None = None
         self.eval_data: RetrievalDataset | None = None
@@ -285,7 +289,7 @@ class RerankingDataModule(L.LightningDataModule):
         """The qrels and relevance level that the module's ``val`` / ``test`` re-rankings are scored against."""
         data = self.val_data if stage == "val" else self.eval_data
         assert data is not None, f"no {'val' if stage == 'val' else 'eval'}_split"
-        return EvaluationTarget(data.qrels, self.hparams.relevance_level)
+        return EvaluationTarget(data.qrels, self.hparams.relevance_level, self.hparams.queries_without_relevant)
 
 
 class ListwiseDataModule(RerankingDataModule):

@@ -18,6 +18,7 @@ from research.data.beir import RetrievalDataset, load_dataset
 from research.data.groups import TrainingGroup, groups_from_qrels, read_groups
 from research.data.trec import Qrels
 from research.errors import ResearchError
+from research.eval.metrics import QUERIES_WITHOUT_RELEVANT
 from research.seeds import stable_seed
 
 
@@ -157,10 +158,18 @@ class EncodeDataset(Dataset):
 @dataclass(frozen=True)
 class EvaluationTarget:
     """What a LightningModule scores its validation/test runs against, handed over by the DataModules'
-    ``evaluation_target(stage)``: the val or eval split's qrels and the lowest grade that counts as relevant."""
+    ``evaluation_target(stage)``: the val or eval split's qrels, the lowest grade that counts as relevant, and
+    whether queries without a relevant document count (``exclude``, the default, or ``trec_eval``)."""
 
     qrels: Qrels
     relevance_level: int
+    queries_without_relevant: str = "exclude"
+
+
+def check_queries_without_relevant(value: str) -> None:
+    """A DataModule's ``queries_without_relevant``, checked when it is built, not after a test epoch."""
+    if value not in QUERIES_WITHOUT_RELEVANT:
+        raise ResearchError(f"queries_without_relevant={value!r}: choose from {', '.join(QUERIES_WITHOUT_RELEVANT)}")
 
 
 def check_val_split(val: RetrievalDataset, others: dict[str, RetrievalDataset | None]) -> None:
@@ -193,6 +202,9 @@ class RetrievalDataModule(L.LightningDataModule):
         length_bucketing: batch items of similar length (query + positive, in characters) together, from windows of
             ``batches_per_bucket`` batches (:class:`LengthBucketSampler`); less padding, but in-batch negatives of
             similar length. Off: a plain seeded shuffle.
+        relevance_level: the lowest qrels grade that is a positive (training) and relevant (metrics).
+        queries_without_relevant: ``exclude`` (default) or ``trec_eval``: whether validation/test average over the
+            queries with no relevant document too, as trec_eval does (``research.eval.metrics``).
     """
 
     def __init__(
@@ -205,6 +217,7 @@ class RetrievalDataModule(L.LightningDataModule):
         batch_size: int = 32,
         eval_batch_size: int = 128,
         relevance_level: int = 1,
+        queries_without_relevant: str = "exclude",
         seed: int = 0,
         num_workers: int = 0,
         length_bucketing: bool = False,
@@ -212,6 +225,7 @@ class RetrievalDataModule(L.LightningDataModule):
         val_split: str | None = None,
     ) -> None:
         super().__init__()
+        check_queries_without_relevant(queries_without_relevant)
         self.save_hyperparameters()
         self.train_data: RetrievalDataset | None = None
         self.eval_data: RetrievalDataset | None = None
@@ -276,4 +290,4 @@ class RetrievalDataModule(L.LightningDataModule):
         """The qrels and relevance level that the module's ``val`` / ``test`` runs are scored against."""
         data = self.val_data if stage == "val" else self.eval_data
         assert data is not None, f"no {'val' if stage == 'val' else 'eval'}_split"
-        return EvaluationTarget(data.qrels, self.hparams.relevance_level)
+        return EvaluationTarget(data.qrels, self.hparams.relevance_level, self.hparams.queries_without_relevant)

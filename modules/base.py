@@ -23,7 +23,8 @@ ScoredPairs = tuple[list[str], list[str], Tensor]  # one eval batch of a pair sc
 
 class EvaluationTarget(Protocol):
     """What a DataModule's ``evaluation_target(stage)`` returns (``datamodules.retrieval.EvaluationTarget``): the
-    qrels of the split that stage ``val`` or ``test`` evaluates on, and the lowest grade that counts as relevant.
+    qrels of the split that stage ``val`` or ``test`` evaluates on, the lowest grade that counts as relevant, and
+    whether queries without a relevant document count (``research.eval.metrics``: ``exclude`` or ``trec_eval``).
     Named here as a Protocol because modules and datamodules are independent layers (import-linter,
     pyproject.toml): neither may import the other."""
 
@@ -32,6 +33,9 @@ class EvaluationTarget(Protocol):
 
     @property
     def relevance_level(self) -> int: ...
+
+    @property
+    def queries_without_relevant(self) -> str: ...
 
 
 class RankingModule(L.LightningModule):
@@ -170,8 +174,8 @@ class RankingModule(L.LightningModule):
         if not runs:
             return
         target: EvaluationTarget = self.trainer.datamodule.evaluation_target(stage)  # val: the val split's qrels
-        self._evaluations = {name: evaluate_run(run, target.qrels, self.hparams.metrics, target.relevance_level)
-                             for name, run in runs.items()}
+        self._evaluations = {name: evaluate_run(run, target.qrels, self.hparams.metrics, target.relevance_level,
+                                                target.queries_without_relevant) for name, run in runs.items()}
         self.log_dict({f"{stage}/{k}": v for k, v in self._evaluations[self.main_run].metrics.aggregate.items()},
                       sync_dist=False)
         for name, evaluation in self._evaluations.items():

@@ -14,7 +14,7 @@ import time
 import warnings
 from pathlib import Path
 
-from research.cli.options import add_precision, add_relevance_level, positive_int, wrote_evaluation
+from research.cli.options import add_precision, add_scoring, positive_int, scoring, wrote_evaluation
 from research.errors import ResearchError
 
 
@@ -137,9 +137,9 @@ def cmd_search(args: argparse.Namespace) -> None:
         write_run(Path(args.out) / RUN_FILE, run, tag="dense")
         print(f"wrote {Path(args.out) / RUN_FILE} (no qrels: no metrics)")
         return
-    evaluation = evaluate_run(run, qrels, relevance_level=args.relevance_level)
-    save_evaluation(args.out, evaluation, tag="dense", data=str(args.data), split=args.split,
-                    relevance_level=args.relevance_level, **details)
+    evaluation = evaluate_run(run, qrels, **scoring(args))
+    save_evaluation(args.out, evaluation, tag="dense", data=str(args.data), split=args.split, **scoring(args),
+                    **details)
     print(f"{model} over {args.index}: " + "  ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.aggregate.items()))
     print(wrote_evaluation(args.out))
 
@@ -194,4 +194,4 @@ def register(sub) -> None:
                    help="query encoding precision (default: the index's)")
     p.add_argument("--device", default="auto", help="query encoding device (default: cuda when visible)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model folder's own code")
-    add_relevance_level(p)
+    add_scoring(p)

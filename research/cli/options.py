@@ -11,6 +11,7 @@ from pathlib import Path
 from research.data.beir import RetrievalDataset
 from research.errors import ResearchError
 from research.eval.evaluation import METRICS_FILE, PER_QUERY_FILE, RUN_FILE
+from research.eval.metrics import QUERIES_WITHOUT_RELEVANT
 from research.models.runtime import PRECISIONS
 
 
@@ -28,6 +29,19 @@ def add_relevance_level(parser: argparse.ArgumentParser, text: str | None = None
     parser.add_argument("--relevance-level", type=int, default=1, metavar="GRADE",
                         help=(text or "lowest qrels grade the metrics count as relevant (R@k, RR, AP; nDCG uses the "
                                       "grades); TREC DL counts 2") + " (default: 1)")
+
+
+def add_scoring(parser: argparse.ArgumentParser) -> None:
+    """How a command's metrics count: ``--relevance-level`` and ``--queries-without-relevant`` (see :func:`scoring`)."""
+    add_relevance_level(parser)
+    parser.add_argument("--queries-without-relevant", choices=QUERIES_WITHOUT_RELEVANT, default=QUERIES_WITHOUT_RELEVANT[0],
+                        help="exclude: average over the queries with a relevant document (at --relevance-level); "
+                             "trec_eval: over every qrels query, as trec_eval does (default: exclude)")
+
+
+def scoring(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``evaluate_run`` (and the fields of metrics.json) that :func:`add_scoring` set."""
+    return {"relevance_level": args.relevance_level, "queries_without_relevant": args.queries_without_relevant}
 
 
 def add_slice(parser: argparse.ArgumentParser, docs: bool = True, what: str = "judged queries") -> None:

@@ -9,9 +9,10 @@ from pathlib import Path
 from research.cli.options import (
     add_precision,
     add_quiet,
-    add_relevance_level,
+    add_scoring,
     add_slice,
     describe_slice,
+    scoring,
     slice_corpus,
     slice_info,
     slice_queries,
@@ -43,16 +44,16 @@ def cmd_rerank(args: argparse.Namespace) -> None:
         if args.max_queries is not None:
             candidates = {q: candidates[q] for q in query_ids if q in candidates}
         data = slice_corpus(data, args.max_docs, keep=(d for q in query_ids for d in candidates.get(q, {})))
-    first_stage = evaluate_run(candidates, data.qrels, relevance_level=args.relevance_level)
+    first_stage = evaluate_run(candidates, data.qrels, **scoring(args))
     scorer = load_scorer(args.model, ScorerOptions(max_length=args.max_length, trust_remote_code=args.trust_remote_code,
                                                    device=device))
     set_exit_rule(scorer, args.exit_layer, args.adaptive_exit)
     with inference_autocast(args.precision, device):
         run = rerank_run(scorer, data, candidates, top_k=args.top_k, batch_size=args.batch_size, query_ids=query_ids)
-    evaluation = evaluate_run(run, data.qrels, relevance_level=args.relevance_level)
+    evaluation = evaluate_run(run, data.qrels, **scoring(args))
     exits = exit_report(scorer, args.exit_layer, args.adaptive_exit)
     info = dict(data=str(args.data), split=args.split, candidates=str(args.candidates), top_k=args.top_k,
-                relevance_level=args.relevance_level, **slice_info(args, data))
+                **scoring(args), **slice_info(args, data))
     save_evaluation(args.out, evaluation, tag="rerank", model=str(args.model), scorer=type(scorer).__name__,
                     precision=args.precision, candidates_metrics=first_stage.metrics.aggregate, **info,
                     seconds=round(time.perf_counter() - started, 2), **exits)
@@ -67,8 +68,7 @@ def cmd_rerank(args: argparse.Namespace) -> None:
         from research.retrieval.fusion import interpolate
         from research.runs.layout import INTERPOLATED_DIR
 
-        fused = evaluate_run(interpolate(run, candidates, args.interpolate), data.qrels,
-                             relevance_level=args.relevance_level)
+        fused = evaluate_run(interpolate(run, candidates, args.interpolate), data.qrels, **scoring(args))
         fused_dir = Path(args.out) / INTERPOLATED_DIR
         save_evaluation(fused_dir, fused, tag="interpolated", model=str(args.model), **info,
                         weight=args.interpolate, normalization="per-query z-score")
@@ -126,6 +126,6 @@ def register(sub) -> None:
     p.add_argument("--interpolate", type=float, default=None, metavar="WEIGHT",
                    help="also write OUT/interpolated: WEIGHT x z(re-ranker) + (1 - WEIGHT) x z(candidates) per query "
                         "(default: not written)")
-    add_relevance_level(p)
+    add_scoring(p)
     add_slice(p)
     add_quiet(p)

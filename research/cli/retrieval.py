@@ -8,9 +8,10 @@ import time
 from research.cli.options import (
     add_precision,
     add_quiet,
-    add_relevance_level,
+    add_scoring,
     add_slice,
     describe_slice,
+    scoring,
     slice_corpus,
     slice_info,
     slice_queries,
@@ -54,7 +55,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     module = BiEncoderModule(model=args.model, document_max_length=args.max_length, query_max_length=args.max_length,
                              eval_top_k=args.top_k, trust_remote_code=args.trust_remote_code)
     datamodule = RetrievalDataModule(args.data, train_split=None, eval_split=args.split,
-                                     eval_batch_size=args.batch_size, relevance_level=args.relevance_level)
+                                     eval_batch_size=args.batch_size, **scoring(args))
     datamodule.eval_data = data  # the (sliced) split loaded above: setup() keeps a loaded eval_data
     trainer = evaluation_trainer(args.precision, [EvaluationProgress()], args.devices)
     trainer.test(module, datamodule=datamodule, verbose=False)
@@ -62,7 +63,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         return
     evaluation = module.last_evaluation
     save_evaluation(args.out, evaluation, tag="dense", model=str(args.model), data=str(args.data), split=args.split,
-                    relevance_level=args.relevance_level, **slice_info(args, data),
+                    **scoring(args), **slice_info(args, data),
                     seconds=round(time.perf_counter() - started, 2))
     print_metrics(f"{args.model} on {args.data}/{args.split}{describe_slice(args, data)}", evaluation.metrics.aggregate)
     print(f"{wrote_evaluation(args.out)} ({time.perf_counter() - started:.0f} s)")
@@ -75,9 +76,9 @@ def cmd_bm25(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     data = load_slice(args)
     run = bm25_search(data, k=args.top_k, config=BM25Config(k1=args.k1, b=args.b))
-    evaluation = evaluate_run(run, data.qrels, relevance_level=args.relevance_level)
+    evaluation = evaluate_run(run, data.qrels, **scoring(args))
     save_evaluation(args.out, evaluation, tag="bm25", data=str(args.data), split=args.split, k1=args.k1, b=args.b,
-                    relevance_level=args.relevance_level, **slice_info(args, data),
+                    **scoring(args), **slice_info(args, data),
                     seconds=round(time.perf_counter() - started, 2))
     print_metrics(f"BM25 on {args.data}/{args.split}{describe_slice(args, data)}", evaluation.metrics.aggregate)
     print(f"{wrote_evaluation(args.out)} ({time.perf_counter() - started:.0f} s)")
@@ -100,7 +101,7 @@ def register(sub) -> None:
     p.add_argument("--devices", type=int, default=1,
                    help="processes (DDP when > 1): each encodes its share of the corpus shards (default 1)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model folder's own code")
-    add_relevance_level(p)
+    add_scoring(p)
     add_slice(p)
     add_quiet(p)
 
@@ -115,6 +116,6 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=100, help="documents retrieved per query")
     p.add_argument("--k1", type=float, default=1.5, help="BM25 term-frequency saturation")
     p.add_argument("--b", type=float, default=0.75, help="BM25 length normalisation")
-    add_relevance_level(p)
+    add_scoring(p)
     add_slice(p)
     add_quiet(p)

@@ -21,8 +21,10 @@ class Evaluation:
     metrics: MetricsResult
 
 
-def evaluate_run(run: Run, qrels: Qrels, metrics=DEFAULT_METRICS, relevance_level: int = 1) -> Evaluation:
-    return Evaluation(run, compute_metrics(run, qrels, metrics=tuple(metrics), relevance_level=relevance_level))
+def evaluate_run(run: Run, qrels: Qrels, metrics=DEFAULT_METRICS, relevance_level: int = 1,
+                 queries_without_relevant: str = "exclude") -> Evaluation:
+    return Evaluation(run, compute_metrics(run, qrels, metrics=tuple(metrics), relevance_level=relevance_level,
+                                           queries_without_relevant=queries_without_relevant))
 
 
 def save_evaluation(out_dir: str | Path, evaluation: Evaluation, tag: str = "research", **info) -> None:

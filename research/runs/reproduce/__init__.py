@@ -8,6 +8,7 @@ A baselines file::
     data: scifact                  # defaults for every row (a row may override any of them)
     split: test
     relevance_level: 1             # grade >= level counts as relevant for R@k, AP@k, RR@k, P@k (nDCG: graded gains)
+    queries_without_relevant: exclude   # or trec_eval: average over every qrels query (research.eval.metrics)
     tolerance: 0.002               # |measured - expected| allowed
     rows:
       - name: bm25
@@ -41,7 +42,7 @@ unknown output or a cycle is one error line naming the file and the line.
 Each row writes into ``<out>/<row name>/``, which is deleted first (with a command row's ``output`` elsewhere), so
 no earlier output can be scored; ``--reuse`` keeps an existing output instead and the table says which file, of
 when. The run file is re-scored with :func:`research.eval.metrics.compute_metrics` at the row's
-``relevance_level``, so every row is measured the same way. The table (``<out>/reproduce.md``, and ``--table``)
+``relevance_level`` and ``queries_without_relevant``, so every row is measured the same way. The table (``<out>/reproduce.md``, and ``--table``)
 has a results JSON beside it; rows not run this time keep their last result from it, marked with its time. The
 exit code is 1 when a row run now is outside a tolerance or did not finish (``--strict``: or has a metric without
 an expectation).

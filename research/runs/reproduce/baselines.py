@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from research.errors import ResearchError
-from research.eval.metrics import parse_metric
+from research.eval.metrics import QUERIES_WITHOUT_RELEVANT, parse_metric
 from research.io import read_yaml_file, yaml_location
 from research.runs.reproduce.rows import (
     OWN_FOLDER,
@@ -24,9 +24,9 @@ from research.runs.reproduce.rows import (
     Row,
 )
 
-DEFAULTS = ("data", "split", "relevance_level", "tolerance", "top_k", "precision")
-COMMON = ("name", "kind", "data", "split", "metrics", "relevance_level", "enabled", "source", "notes", "top_k",
-          "precision", "tolerance")
+DEFAULTS = ("data", "split", "relevance_level", "queries_without_relevant", "tolerance", "top_k", "precision")
+COMMON = ("name", "kind", "data", "split", "metrics", "relevance_level", "queries_without_relevant", "enabled", "source",
+          "notes", "top_k", "precision", "tolerance")
 NAME = re.compile(r"[A-Za-z0-9_-]+")  # no dots: ``${rows.NAME.OUTPUT}`` splits on them
 
 
@@ -209,8 +209,12 @@ def parse_row(raw: dict[str, Any], defaults: dict[str, Any], path: Path, index: 
     if "data" not in merged:
         raise BaselineError(f"{at}: no 'data' (set it on the row or at the top of the file)")
     metrics = _metrics(merged, cls, where(path, index, name, "metrics"))
-    kwargs = {k: merged[k] for k in ("name", "split", "relevance_level", "enabled", "source", "notes",
-                                      "top_k", "precision") if k in merged}
+    if merged.get("queries_without_relevant", QUERIES_WITHOUT_RELEVANT[0]) not in QUERIES_WITHOUT_RELEVANT:
+        raise BaselineError(f"{where(path, index, name, 'queries_without_relevant')}: "
+                            f"queries_without_relevant {merged['queries_without_relevant']!r} is not one of "
+                            f"{', '.join(QUERIES_WITHOUT_RELEVANT)}")
+    kwargs = {k: merged[k] for k in ("name", "split", "relevance_level", "queries_without_relevant", "enabled",
+                                      "source", "notes", "top_k", "precision") if k in merged}
     kwargs.update({k: _references(merged[k], where(path, index, name, k)) for k in ("data", *cls.fields)
                    if k in merged})
     for key in ("configs", "args", "train", "train_args", "command"):

@@ -48,6 +48,7 @@ class Row:
     split: str = "test"
     metrics: list[MetricTarget] = field(default_factory=list)
     relevance_level: int = 1
+    queries_without_relevant: str = "exclude"  # or "trec_eval" (research.eval.metrics)
     enabled: bool = True
     source: str | None = None
     notes: str | None = None

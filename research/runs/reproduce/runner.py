@@ -44,7 +44,7 @@ def load_qrels(data: str, split: str):
 def score_run(row: Row, run_path: Path) -> dict[str, float]:
     """The row's metrics of the run file at the row's relevance level."""
     result = compute_metrics(read_run(run_path), load_qrels(row.data, row.split), [m.name for m in row.metrics],
-                             relevance_level=row.relevance_level)
+                             relevance_level=row.relevance_level, queries_without_relevant=row.queries_without_relevant)
     return result.aggregate
 
 

@@ -65,7 +65,8 @@ def row_status(row: Row, measured: dict[str, float]) -> str:
 
 def record(result: RowResult) -> dict[str, Any]:
     return {"row": result.row.name, "kind": result.row.kind, "status": result.status, "measured": result.measured,
-            "relevance_level": result.row.relevance_level, "seconds": _round(result.seconds), "finished": result.finished,
+            "relevance_level": result.row.relevance_level, "queries_without_relevant": result.row.queries_without_relevant,
+            "seconds": _round(result.seconds), "finished": result.finished,
             "origin": result.origin, "reused": result.reused, "message": result.message, "commands": result.commands,
             "definition": result.made_by if result.made_by is not None else definition(result.row)}
 
