@@ -14,6 +14,7 @@ JSON and the figure, every choice (interpolation weight, calibration, adaptive-e
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -21,7 +22,8 @@ from pathlib import Path
 import torch
 
 WEIGHTS = [round(0.1 * i, 1) for i in range(11)]
-THRESHOLDS = [0.25 * i for i in range(25)] + [7.0, 8.0, math.inf]  # calibrated log-odds: most pairs sit near -3
+# calibrated log-odds (most pairs sit near -3); the grid of the committed table (experiments/results/llm_layers)
+THRESHOLDS = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0, math.inf]
 TOLERANCE = 0.01
 METRICS = ("nDCG@10", "RR@10")
 
@@ -169,8 +171,7 @@ def markdown(result: dict, layers, stages, timing, header: str) -> str:
               "| stage | exit layer | dev nDCG@10 | test nDCG@10 | test RR@10 | interpolated: exit layer (weight) | "
               "dev nDCG@10 | test nDCG@10 | test RR@10 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for stage in stages:
-        raw = max(layers, key=lambda l: rows[(stage, l)]["dev"]["nDCG@10"])
-        fused = max(layers, key=lambda l: rows[(stage, l)]["dev_interpolated"])
+        raw, fused = dev_choices(rows, layers, stage)
         r, f = rows[(stage, raw)], rows[(stage, fused)]
         lines.append(f"| {stage} | {raw} | {r['dev']['nDCG@10']:.4f} | {r['test']['nDCG@10']:.4f} | {r['test']['RR@10']:.4f} "
                      f"| {fused} ({f['weight']:g}) | {f['dev_interpolated']:.4f} | {f['test_interpolated']['nDCG@10']:.4f} "
@@ -183,6 +184,15 @@ def markdown(result: dict, layers, stages, timing, header: str) -> str:
         lines.append(f"| {stage} | {chosen['threshold']:g} | {chosen['mean_layers_run']:.1f} | {chosen['nDCG@10']:.4f} | "
                      f"{chosen['RR@10']:.4f} | {adaptive['test_chosen_interpolated']['nDCG@10']:.4f} ({adaptive['weight']:g}) "
                      f"| {full['nDCG@10']:.4f} |")
+    lines += ["", "Adaptive against fixed exit, both chosen on dev by the same rule (the fewest layers whose dev nDCG@10 is "
+              f"within {TOLERANCE:g} of the full depth's), scored on test:", "",
+              "| stage | adaptive: mean layers run | adaptive: test nDCG@10 | fixed: exit layer | fixed: test nDCG@10 | "
+              "layers saved by adaptive | test nDCG@10 adaptive − fixed |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for stage, adaptive in result["adaptive"].items():
+        chosen, fixed = adaptive["test_chosen"], fixed_exit(rows, layers, stage)
+        fixed_ndcg = rows[(stage, fixed)]["test"]["nDCG@10"]
+        lines.append(f"| {stage} | {chosen['mean_layers_run']:.1f} | {chosen['nDCG@10']:.4f} | {fixed} | {fixed_ndcg:.4f} | "
+                     f"{fixed - chosen['mean_layers_run']:+.1f} | {chosen['nDCG@10'] - fixed_ndcg:+.4f} |")
     real = timing.get("adaptive")
     if real:
         lines += ["", f"Measured adaptive pass ({timing['pairs']} test pairs, threshold {real['threshold']:g}): "
@@ -190,6 +200,19 @@ def markdown(result: dict, layers, stages, timing, header: str) -> str:
                   f"{100 * real['same_exit_as_one_pass']:.0f} % of the pairs exit where the one-pass scores say, "
                   f"max |score difference| {real['max_abs_score_difference']:.2g}."]
     return "\n".join(lines) + "\n"
+
+
+def dev_choices(rows: dict, layers, stage: str) -> tuple[int, int]:
+    """The stage's exit layers with the best dev nDCG@10: raw, and interpolated with BM25 (at its dev weight)."""
+    return (max(layers, key=lambda l: rows[(stage, l)]["dev"]["nDCG@10"]),
+            max(layers, key=lambda l: rows[(stage, l)]["dev_interpolated"]))
+
+
+def fixed_exit(rows: dict, layers, stage: str) -> int:
+    """The shallowest fixed exit layer whose dev nDCG@10 is within ``TOLERANCE`` of the last layer's (the rule that
+    chooses the adaptive threshold, so the two are compared at the same promise of quality)."""
+    full = rows[(stage, layers[-1])]["dev"]["nDCG@10"]
+    return min(layer for layer in layers if rows[(stage, layer)]["dev"]["nDCG@10"] >= full - TOLERANCE)
 
 
 def plot(result: dict, layers, stages, timing, path: Path) -> None:
@@ -255,15 +278,15 @@ def write_report(out: Path, args, stages: dict, splits, scores, layers, timing, 
     with atomic_write(out / "table.md") as handle:
         handle.write(text)
     write_json(out / "results.json", {
-        "args": vars(args), "stages": stages, "layers": layers, "bm25": result["bm25"],
+        "header": header, "args": vars(args), "stages": stages, "layers": layers, "bm25": result["bm25"],
         "rows": {f"{s} L{l}": v for (s, l), v in result["rows"].items()}, "significance": result["significance"],
         "adaptive": result["adaptive"], "timing": timing_summary, "timing_stage_choice": choice["stage"]})
     plot(result, layers, names, timing, out / "layers.png")
-    write_test_runs(Path(args.work) / "runs", result["runs"])
+    write_test_runs(Path(args.work) / "runs", result["runs"], result["rows"])
     print(text)
 
 
-def write_test_runs(folder: Path, runs: dict) -> None:
+def write_test_runs(folder: Path, runs: dict, rows: dict) -> None:
     """Every table cell's test run as a TREC file (``{stage}-L{layer}.trec`` and ``...-interpolated.trec``), so
     that ``research reproduce`` scores a cell from its run (experiments/baselines/scifact.yaml, row llm-layers)."""
     from research.data.trec import write_run
@@ -272,3 +295,42 @@ def write_test_runs(folder: Path, runs: dict) -> None:
     for (stage, layer), (raw, fused) in runs.items():
         write_run(folder / f"{stage}-L{layer}.trec", raw, tag=f"{stage}-L{layer}")
         write_run(folder / f"{stage}-L{layer}-interpolated.trec", fused, tag=f"{stage}-L{layer}-interpolated")
+    for stage in dict.fromkeys(stage for stage, _ in runs):  # the cells chosen on dev (the table's "Chosen on dev")
+        layers = sorted(layer for s, layer in runs if s == stage)
+        raw, fused = dev_choices(rows, layers, stage)
+        write_run(folder / f"{stage}-dev-chosen.trec", runs[(stage, raw)][0], tag=f"{stage}-L{raw}")
+        write_run(folder / f"{stage}-dev-chosen-interpolated.trec", runs[(stage, fused)][1],
+                  tag=f"{stage}-L{fused}-interpolated")
+
+
+def render(out: Path) -> None:
+    """Rewrite ``out``'s table.md and layers.png from its results.json (every number the report shows is in it), so
+    that a change of the report's layout needs no new scoring pass."""
+    from research.io import atomic_write
+
+    saved = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    layers, stages = saved["layers"], list(saved["stages"])
+    rows = {}
+    for key, value in saved["rows"].items():
+        stage, _, layer = key.rpartition(" L")
+        rows[(stage, int(layer))] = value
+    result = {"bm25": saved["bm25"], "rows": rows, "significance": saved["significance"], "adaptive": saved["adaptive"]}
+    timing = {**saved["timing"], "seconds_per_100": {int(k): v for k, v in saved["timing"]["seconds_per_100"].items()}}
+    header = saved.get("header")
+    if header is None:  # a results.json written before the header was saved in it: keep the table's own
+        header = "\n\n".join((out / "table.md").read_text(encoding="utf-8").split("\n\n")[:2])
+    text = markdown(result, layers, stages, timing, header)
+    with atomic_write(out / "table.md") as handle:
+        handle.write(text)
+    plot(result, layers, stages, timing, out / "layers.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # research.* when run as a script
+    parser = argparse.ArgumentParser(description="rewrite table.md and layers.png from results.json")
+    parser.add_argument("out", nargs="?", default="experiments/results/llm_layers", help="folder with results.json")
+    render(Path(parser.parse_args().out))

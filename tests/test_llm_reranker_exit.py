@@ -287,6 +287,15 @@ def test_exit_layer_benchmark_writes_the_table_from_cached_states(llama_dir_exit
         scored = compute_metrics(read_run(tmp_path / "work" / "runs" / f"{cell}.trec"), qrels, ["nDCG@10"])
         name = cell.replace("-interpolated", "").replace("-L", " L")
         assert abs(scored.aggregate["nDCG@10"] - result["rows"][name][key]["nDCG@10"]) < 1e-12
+    chosen = compute_metrics(read_run(tmp_path / "work" / "runs" / "stage1-dev-chosen-interpolated.trec"), qrels,
+                             ["nDCG@10"]).aggregate["nDCG@10"]
+    stage1_row = next(line for line in table.split("Chosen on dev")[1].splitlines() if line.startswith("| stage1 |"))
+    assert stage1_row.endswith(f"| {chosen:.4f} | " + stage1_row.rsplit(" | ", 2)[-1])  # its interpolated test nDCG@10
+    # the report re-renders from results.json alone, to the same table
+    from benchmarks.llm_layers_report import render
+
+    render(tmp_path / "out")
+    assert (tmp_path / "out" / "table.md").read_text() == table
     # untrained and stage 1 share the frozen backbone: its states were computed once, for both splits
     states = sum(1 for _ in (tmp_path / "states").rglob("shard-*.safetensors"))
     main([*common, "--stage", f"stage1={tmp_path / 'stage1'}", "--out", str(tmp_path / "again")])  # resumes from work/

@@ -123,7 +123,8 @@ def test_rerank_and_zelo_votes_report_scoring_and_judging(tiny_model_dir, tiny_b
     assert re.search(r"^fitting: 2 queries in ", capsys.readouterr().err, re.M)
 
 
-def test_evaluate_replaces_lightnings_bar_with_stages(tiny_model_dir, tiny_beir_dir, tmp_path, capsys):
+def test_evaluate_replaces_lightnings_bar_with_stages(tiny_model_dir, tiny_beir_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RESEARCH_CACHE_DIR", str(tmp_path / "cache"))  # an empty embedding cache: the corpus is encoded
     assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(tiny_beir_dir), "--out",
                  str(tmp_path / "dense"), "--max-queries", "3"]) == 0
     captured = capsys.readouterr()
@@ -256,3 +257,18 @@ def test_save_evaluation_files_are_the_ones_named(tmp_path):
     named = wrote_evaluation(tmp_path).removeprefix("wrote ").split(", ")
     assert sorted(named) == sorted(str(p) for p in tmp_path.iterdir())
     assert json.loads((tmp_path / "metrics.json").read_text())["num_queries"] == 1
+
+
+def test_plan_warns_of_emulated_bfloat16_on_a_cpu_without_it(monkeypatch):
+    import lightning as L
+    import torch
+
+    from research.cli import fit_plan
+    from research.models import runtime
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", logger=False, enable_checkpointing=False)
+    for native, warned in ((torch.bfloat16, False), (torch.float32, True)):
+        monkeypatch.setattr(runtime, "preferred_dtype", lambda device="cpu", native=native: native)
+        assert ("no native bfloat16" in fit_plan._emulated_bf16(trainer)) is warned
+    fp32 = L.Trainer(accelerator="cpu", devices=1, precision="32-true", logger=False, enable_checkpointing=False)
+    assert fit_plan._emulated_bf16(fp32) == ""

@@ -278,6 +278,14 @@ def test_encode_dataset_judged_queries_then_all_documents_by_length(tiny_beir_di
     module.setup("test")
     assert module.train_data is None
     assert [b.ids for b in module.test_dataloader()] == [b.ids for b in batches]
+    # a module that encodes the corpus itself (the bi-encoder: shard by shard) gets the query batches only, and
+    # the evaluation splits read the corpus through the offset index: no dict, no batch of every text
+    from modules.bi_encoder import BiEncoderModule
+    from research.data.offsets import OffsetCorpus
+
+    assert isinstance(module.eval_data.corpus, OffsetCorpus)
+    module.trainer = type("AttachedTrainer", (), {"lightning_module": BiEncoderModule.__new__(BiEncoderModule)})()
+    assert [b.ids for b in module.test_dataloader()] == [b.ids for b in query_batches]
 
 
 def test_unscored_top_up_negatives_are_nan_and_masked_in_distillation(tiny_beir_dir, tiny_model_dir, tmp_path):

@@ -96,7 +96,22 @@ def describe_fit(config: Any, run_dir: str | Path, trainer: Any, datamodule: Any
     if trainer.accumulate_grad_batches != 1:
         batches += f", {trainer.accumulate_grad_batches} accumulated per optimizer step"
     devices = f"{trainer.num_devices} {type(trainer.accelerator).__name__.removesuffix('Accelerator').lower()} device"
+    precision = f"{trainer.precision} on {devices}{'s' if trainer.num_devices != 1 else ''}" + (
+        f" x {trainer.num_nodes} nodes" if trainer.num_nodes > 1 else "") + _emulated_bf16(trainer)
     rows = [("run dir", str(run_dir)), ("model", model_text), ("data", data_text), ("stages", " -> ".join(stages)),
-            ("batches", batches), ("precision", f"{trainer.precision} on {devices}{'s' if trainer.num_devices != 1 else ''}"
-                                   + (f" x {trainer.num_nodes} nodes" if trainer.num_nodes > 1 else ""))]
+            ("batches", batches), ("precision", precision)]
     return "research fit: what this run will do\n" + "\n".join(f"  {name:<10} {value}" for name, value in rows)
+
+
+def _emulated_bf16(trainer: Any) -> str:
+    """A warning for bf16 autocast on a CPU that has no bfloat16 instructions (no AVX512-BF16 / AMX): there torch
+    emulates it, and the run is far slower than under 32-true."""
+    from research.models.runtime import preferred_dtype
+
+    if "bf16" not in str(trainer.precision) or type(trainer.accelerator).__name__ != "CPUAccelerator":
+        return ""
+    import torch
+
+    if preferred_dtype("cpu") == torch.bfloat16:
+        return ""
+    return " (this CPU has no native bfloat16, so autocast emulates it: far slower than --trainer.precision 32-true)"
