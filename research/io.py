@@ -209,3 +209,9 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def cache_root(kind: str) -> Path:
+    """``$RESEARCH_CACHE_DIR/<kind>`` (default ``~/.cache/research/<kind>``): the one root of every cache (offset
+    indexes, corpus embeddings, LLM states)."""
+    return Path(os.environ.get("RESEARCH_CACHE_DIR") or Path.home() / ".cache" / "research").expanduser() / kind

@@ -1,8 +1,7 @@
 """Lightning's test batches as :mod:`research.progress` stages, in place of its ``Testing 0/316`` bar: ``encoding
 queries`` and ``encoding documents`` for a bi-encoder's encode batches, ``scoring pairs`` for pair batches, else
 ``testing`` batches. What the module reports itself is left to it: its epoch end (search, metrics), and the corpus
-when it encodes it itself (``corpus_in_eval_batches`` False): document batches that still come are then no work and
-are not reported."""
+when it encodes it itself (``corpus_in_eval_batches`` False; the DataModule then sends no document batches)."""
 
 from __future__ import annotations
 
@@ -49,14 +48,9 @@ class EvaluationProgress(L.Callback):
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._totals = stage_totals(trainer.test_dataloaders)
-        self._skips_documents = not getattr(pl_module, "corpus_in_eval_batches", True)
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         label, unit, self._count = batch_stage(batch)
-        if label == "encoding documents" and self._skips_documents:
-            self._close()
-            self._label, self._count = label, 0
-            return
         if label != self._label:
             self._close()
             self._label = label

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from research.errors import ResearchError
+from research.io import cache_root as research_cache_root
 from research.retrieval.index.encode import ShardBatches, corpus_digest, encode_missing, prepare_directory
 from research.retrieval.index.manifest import IndexManifest, weights_digest
 from research.retrieval.index.shards import missing_shards
@@ -32,7 +32,7 @@ from research.training.distributed import is_distributed, rank, world_size
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("RESEARCH_CACHE_DIR") or Path.home() / ".cache" / "research").expanduser() / "embeddings"
+    return research_cache_root("embeddings")
 
 
 def fingerprint(model: nn.Module, settings: dict, documents: Iterable[tuple[str, str]]) -> str:

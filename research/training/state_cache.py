@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from research.io import write_json
+from research.io import cache_root, write_json
 from research.models.llm_reranker import LayerwiseLLMReranker
 from research.training.embedding_cache import fingerprint
 
@@ -35,7 +35,7 @@ SETTINGS_FILE = "cache.json"
 def state_cache_root(root: str | Path | None = None) -> Path:
     if root is not None:
         return Path(root).expanduser()
-    return Path(os.environ.get("RESEARCH_CACHE_DIR") or Path.home() / ".cache" / "research").expanduser() / "llm_states"
+    return cache_root("llm_states")
 
 
 def pair_key(ids: list[int]) -> str:
