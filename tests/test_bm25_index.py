@@ -31,3 +31,38 @@ def test_scores_of_every_document_agree_with_the_top_k_search(data, config):
         assert [scores[index.doc_ids.index(d)] for d in run[query_id]] == pytest.approx(list(run[query_id].values()),
                                                                                        rel=1e-5)
         assert np.sort(scores)[::-1][:5] == pytest.approx(sorted(run[query_id].values(), reverse=True), rel=1e-5)
+
+
+def test_a_saved_index_is_memory_mapped_by_the_next_run_with_the_same_settings(data, tmp_path, monkeypatch):
+    """``index_dir``: the first run tokenises the corpus and saves the index; a second run with the same corpus and
+    settings loads it memory-mapped (no corpus tokenisation) and gives the same run; other settings rebuild it."""
+    import bm25s
+
+    folder = tmp_path / "bm25-index"
+    first = bm25_search(data, k=5, index_dir=folder)
+    assert (folder / "research_bm25.json").is_file()
+    calls = []
+    real_tokenize = bm25s.tokenize
+    monkeypatch.setattr(bm25s, "tokenize", lambda texts, *a, **k: calls.append(len(texts)) or real_tokenize(texts, *a, **k))
+    loaded = BM25Index(data, index_dir=folder)
+    assert isinstance(loaded.retriever.scores["data"], np.memmap)
+    assert bm25_search(data, k=5, index_dir=folder) == first
+    assert len(data.corpus) not in calls  # only queries were tokenised
+    other = bm25_search(data, k=5, config=BM25Config(k1=0.9), index_dir=folder)  # another key: indexed again
+    assert len(data.corpus) in calls and other != first
+    assert BM25Index(data, BM25Config(k1=0.9), index_dir=folder).retriever.k1 == 0.9
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    with pytest.raises(Exception, match="not a BM25 index folder"):
+        BM25Index(data, index_dir=tmp_path / "notes")
+
+
+def test_research_bm25_index_dir_reuses_the_saved_index(tiny_beir_dir, tmp_path, capsys):
+    from research.cli.main import main
+
+    common = ["bm25", "--data", str(tiny_beir_dir), "--index-dir", str(tmp_path / "index")]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert "indexing corpus: 36 documents" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "b")]) == 0
+    assert "loading BM25 index: 36 documents" in capsys.readouterr().err
+    assert (tmp_path / "a" / "run.trec").read_text() == (tmp_path / "b" / "run.trec").read_text()

@@ -74,8 +74,8 @@ def cmd_bm25(args: argparse.Namespace) -> None:
     from research.retrieval.bm25 import BM25Config, bm25_search
 
     started = time.perf_counter()
-    data = load_slice(args)
-    run = bm25_search(data, k=args.top_k, config=BM25Config(k1=args.k1, b=args.b))
+    data = load_slice(args, lazy_corpus=True)
+    run = bm25_search(data, k=args.top_k, config=BM25Config(k1=args.k1, b=args.b), index_dir=args.index_dir)
     evaluation = evaluate_run(run, data.qrels, **scoring(args))
     save_evaluation(args.out, evaluation, tag="bm25", data=str(args.data), split=args.split, k1=args.k1, b=args.b,
                     **scoring(args), **slice_info(args, data),
@@ -116,6 +116,9 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=100, help="documents retrieved per query")
     p.add_argument("--k1", type=float, default=1.5, help="BM25 term-frequency saturation")
     p.add_argument("--b", type=float, default=0.75, help="BM25 length normalisation")
+    p.add_argument("--index-dir", default=None, metavar="DIR",
+                   help="save the BM25 index here, or memory-map the one saved there for the same corpus and "
+                        "settings instead of indexing again (default: index in memory, save nothing)")
     add_scoring(p)
     add_slice(p)
     add_quiet(p)

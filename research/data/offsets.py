@@ -28,6 +28,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from research.errors import DataFormatError
+from research.io import cache_root
 
 V = TypeVar("V")
 # parse(path, line number, line text) -> (id, value); raises DataFormatError for a malformed record
@@ -37,8 +38,7 @@ _BOM = b"\xef\xbb\xbf"
 
 
 def offsets_root() -> Path:
-    base = os.environ.get("RESEARCH_CACHE_DIR") or Path.home() / ".cache" / "research"
-    return Path(base).expanduser() / "offsets"
+    return cache_root("offsets")
 
 
 def id_hash(doc_id: str) -> int:
@@ -114,7 +114,7 @@ def _build(path: Path, parse: Parse, id_field: str | None, folder: Path, meta: d
             lines.append(number)
             hashes.append(id_hash(doc_id))
     if not lines:
-        raise DataFormatError(path, None, None, "no records")
+        raise DataFormatError(path, None, None, "no documents")
     offsets.append(position)
     hash_array = np.frombuffer(hashes, dtype=np.int64)
     order = np.argsort(hash_array, kind="stable")

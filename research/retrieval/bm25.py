@@ -1,15 +1,26 @@
 """BM25 with bm25s (MTEB's bm25s baseline: Lucene BM25, English stopwords and Snowball stemmer): one corpus index,
-searched top-k for a run (:func:`bm25_search`) or scored against every document (the zELO BM25 judge)."""
+searched top-k for a run (:func:`bm25_search`) or scored against every document (the zELO BM25 judge).
+
+With ``index_dir`` the index is saved there (bm25s' own format, written to a temporary folder and renamed) with a
+key of the corpus and the settings, and a later run with the same key memory-maps it instead of tokenising the
+corpus again: on millions of passages the saved index is read through the page cache, not rebuilt per run."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
 from research import progress
 from research.data.beir import RetrievalDataset
 from research.data.trec import Run
+from research.errors import ResearchError
+
+KEY_FILE = "research_bm25.json"  # written last: a folder without it is no index
 
 
 @dataclass
@@ -28,7 +39,8 @@ class BM25Index:
     :meth:`scores` and :meth:`search` agree with each other and with ``research bm25``.
     """
 
-    def __init__(self, data: RetrievalDataset, config: BM25Config | None = None, show_progress: bool = False) -> None:
+    def __init__(self, data: RetrievalDataset, config: BM25Config | None = None, show_progress: bool = False,
+                 index_dir: str | Path | None = None) -> None:
         import bm25s
 
         self.config = config or BM25Config()
@@ -38,12 +50,51 @@ class BM25Index:
 
             self.stemmer = Stemmer.Stemmer(self.config.stemmer_language)
         self.doc_ids = list(data.corpus)
+        key = self._key(data) if index_dir is not None else None
+        if key is not None and self._saved_key(Path(index_dir)) == key:
+            with progress.stage("loading BM25 index", total=len(self.doc_ids), unit="documents") as step:
+                self.retriever = bm25s.BM25.load(str(index_dir), mmap=True, show_progress=False)
+                step.advance(len(self.doc_ids))
+            return
         with progress.stage("indexing corpus", total=len(self.doc_ids), unit="documents") as step:
-            tokens = bm25s.tokenize([data.corpus[d].full_text for d in self.doc_ids], stopwords=self.config.stopwords,
+            # values() in corpus order: an offset-indexed corpus is streamed, not looked up id by id
+            tokens = bm25s.tokenize([doc.full_text for doc in data.corpus.values()], stopwords=self.config.stopwords,
                                     stemmer=self.stemmer, show_progress=show_progress)
             self.retriever = bm25s.BM25(k1=self.config.k1, b=self.config.b, method=self.config.method)
             self.retriever.index(tokens, show_progress=show_progress)
             step.advance(len(self.doc_ids))
+        if key is not None:
+            self._save(Path(index_dir), key)
+
+    def _key(self, data: RetrievalDataset) -> dict:
+        import bm25s
+
+        from research.retrieval.index.encode import corpus_digest
+
+        return {"corpus": corpus_digest(data.corpus), "documents": len(self.doc_ids), "config": asdict(self.config),
+                "bm25s": bm25s.__version__}
+
+    @staticmethod
+    def _saved_key(folder: Path) -> dict | None:
+        """The key of the index saved in ``folder`` (None: no complete index there)."""
+        path = folder / KEY_FILE
+        if not path.is_file():
+            if folder.exists() and any(folder.iterdir()):
+                raise ResearchError(f"{folder}: not a BM25 index folder (no {KEY_FILE}); pass an empty or new folder")
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ResearchError(f"{path}: invalid JSON ({error.msg}, line {error.lineno})") from None
+
+    def _save(self, folder: Path, key: dict) -> None:
+        """Save the index into ``folder`` (replacing an index of another key) through a temporary sibling folder."""
+        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.retriever.save(str(tmp), show_progress=False)
+        (tmp / KEY_FILE).write_text(json.dumps(key, sort_keys=True), encoding="utf-8")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
 
     def search(self, queries: list[str], k: int, show_progress: bool = False,
                chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -75,11 +126,13 @@ class BM25Index:
 
 
 def bm25_search(data: RetrievalDataset, k: int = 100, config: BM25Config | None = None,
-                query_ids: list[str] | None = None, show_progress: bool = False) -> Run:
-    """Index the corpus (title + text) and return the top-``k`` run for the judged queries (or ``query_ids``).
+                query_ids: list[str] | None = None, show_progress: bool = False,
+                index_dir: str | Path | None = None) -> Run:
+    """Index the corpus (title + text; or load the index saved in ``index_dir``) and return the top-``k`` run for the
+    judged queries (or ``query_ids``).
 
     Indexing and searching report as :mod:`research.progress` stages; ``show_progress`` adds bm25s' own bars."""
-    index = BM25Index(data, config, show_progress=show_progress)
+    index = BM25Index(data, config, show_progress=show_progress, index_dir=index_dir)
     query_ids = list(query_ids if query_ids is not None else data.judged_queries)
     results, scores = index.search([data.queries[q] for q in query_ids], k, show_progress=show_progress)
     return {
