@@ -296,8 +296,8 @@ class ListwiseDataModule(RerankingDataModule):
     """Trains on listwise groups from ``groups_file``; ``target_field`` names the labels or teacher scores to fit.
 
     ``group_size`` caps each group (its best document plus a per-epoch random sample of the others).
-    A group whose query is judged in the eval split's qrels is refused (training on the queries it is evaluated on)
-    unless ``allow_eval_queries`` says so explicitly.
+    A group whose query is judged in the eval or the val split's qrels is refused (training on the queries it is
+    evaluated or selected on) unless ``allow_eval_queries`` says so explicitly.
     """
 
     def __init__(self, data: str, groups_file: str, target_field: str = "labels", group_size: int | None = None,
@@ -306,13 +306,17 @@ class ListwiseDataModule(RerankingDataModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if stage == "fit" and self.eval_data is not None and not self.hparams.allow_eval_queries:
+        held_out = [(d, role) for d, role in ((self.eval_data, "evaluation"), (self.val_data, "validation"))
+                    if d is not None]
+        if stage == "fit" and held_out and not self.hparams.allow_eval_queries:
             path = Path(self.hparams.groups_file)
             for line, record in iter_jsonl(path):  # the reader has validated every record already
-                if record["query_id"] in self.eval_data.qrels:
-                    raise DataFormatError(path, line, "query_id", f"query '{record['query_id']}' is judged in the "
-                                          f"evaluation split '{self.eval_data.split}': training on it leaks the test "
-                                          "queries (set allow_eval_queries: true to do it anyway)")
+                for data, role in held_out:
+                    if record["query_id"] in data.qrels:
+                        raise DataFormatError(path, line, "query_id", f"query '{record['query_id']}' is judged in the "
+                                              f"{role} split '{data.split}': training on it leaks the queries it is "
+                                              f"{'tested' if role == 'evaluation' else 'selected'} on (set "
+                                              "allow_eval_queries: true to do it anyway)")
 
     def build_train_set(self, data: RetrievalDataset) -> TrainingListDataset:
         hp = self.hparams

@@ -191,3 +191,55 @@ def test_plain_fit_runs_group_by_their_name(tmp_path):
     result = make_report("grp", root=tmp_path, baseline="bi_encoder", out=tmp_path / "out", quiet=True)
     other = [s for s in result["summaries"] if s.label == "bi_encoder_lr"][0]
     assert other.tests["nDCG@10"]["delta"] == pytest.approx(0.05)
+
+
+def make_factorial_run(root: Path, labels: str, loss: str, per_query: dict[str, float]) -> Path:
+    """A finished run of a 2x2 sweep with two bundle parameters (as experiments/sweeps/zelo_labels_losses_dev.yaml)."""
+    params = {"labels": {"name": labels, "data.init_args.target_field": labels},
+              "loss": {"name": loss, "model.init_args.loss": {"class_path": f"research.losses.{loss}"}}}
+    run_dir = root / f"{labels}_{loss}-s1-0000"
+    (run_dir / "eval_after").mkdir(parents=True)
+    (run_dir / "eval_after" / "per_query.json").write_text(json.dumps({q: {"nDCG@10": v} for q, v in per_query.items()}))
+    (run_dir / "eval_after" / "metrics.json").write_text(json.dumps({"nDCG@10": float(np.mean(list(per_query.values())))}))
+    (run_dir / "sweep_run.json").write_text(json.dumps({"run_id": run_dir.name, "params": params, "swept": params,
+                                                        "seed": 1, "label": f"labels={labels} loss={loss}"}))
+    (run_dir / "FINISHED").write_text(json.dumps({"seconds": 1.0}))
+    return run_dir
+
+
+def test_one_factor_comparisons_of_a_factorial_sweep(tmp_path):
+    rng = np.random.default_rng(3)
+    root = tmp_path / "sweeps" / "factorial"
+    values = {}
+    for labels, loss in itertools.product(("qrels", "zelo"), ("ListwiseSoftmaxCE", "PointwiseMSE")):
+        values[labels, loss] = dict(zip(QUERIES, rng.uniform(0, 1, size=len(QUERIES)).round(6).tolist()))
+        make_factorial_run(root, labels, loss, values[labels, loss])
+    out = tmp_path / "report"
+    comparisons = make_report(root, out=out, quiet=True, one_factor=True)["one_factor"]
+    # a 2x2 has four one-change pairs; the diagonals (both changed) are not compared
+    found = {(c.parameter, c.first.label, c.second.label): c for c in comparisons}
+    assert len(found) == 4
+    for (parameter, first, second), c in found.items():
+        (a_labels, a_loss), (b_labels, b_loss) = [tuple(x.split("=")[1] for x in label.split()) for label in (first, second)]
+        assert (a_loss == b_loss) == (parameter == "labels") and (a_labels == b_labels) == (parameter == "loss")
+        x = [values[b_labels, b_loss][q] for q in QUERIES]
+        y = [values[a_labels, a_loss][q] for q in QUERIES]
+        test = c.tests["nDCG@10"]
+        assert test["delta"] == pytest.approx(np.mean(x) - np.mean(y))
+        assert test["p_ttest"] == pytest.approx(stats.ttest_rel(x, y).pvalue)
+        assert test["p_perm"] == pytest.approx(paired_randomization_test(x, y))
+        assert c.fixed == ({"loss": a_loss} if parameter == "labels" else {"labels": a_labels})
+    adjusted = holm([c.tests["nDCG@10"]["p_perm"] for c in comparisons])
+    assert [c.tests["nDCG@10"]["p_perm_holm"] for c in comparisons] == pytest.approx(adjusted)
+    rows = list(csv.DictReader((out / "one_factor.csv").read_text().splitlines()))
+    assert len(rows) == 4 and {r["parameter"] for r in rows} == {"labels", "loss"}
+    assert "## One change at a time (nDCG@10)" in (out / "report.md").read_text()
+
+
+def test_one_factor_needs_configurations_that_differ_in_one_parameter(sweep_dir, tmp_path):
+    root = tmp_path / "sweeps" / "diagonal"
+    make_factorial_run(root, "qrels", "ListwiseSoftmaxCE", dict.fromkeys(QUERIES, 0.5))
+    make_factorial_run(root, "zelo", "PointwiseMSE", dict.fromkeys(QUERIES, 0.6))
+    with pytest.raises(ResearchError, match="differ in exactly one parameter"):
+        make_report(root, out=tmp_path / "r", quiet=True, one_factor=True)
+    assert not (tmp_path / "r").exists()  # refused before anything is written

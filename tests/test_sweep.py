@@ -27,6 +27,7 @@ from research.runs.sweep import (
     load_sweep,
     override_config,
     parse_agent_args,
+    parse_set,
     run_id,
     run_sweep,
     status_table,
@@ -231,6 +232,31 @@ def test_runs_each_configuration_once_and_skips_finished(tmp_path, fake_fit):
     assert info["swept"] == {"model.init_args.lr": 0.01} and info["seed"] == 1 and info["label"] == "0.01"
     assert yaml.safe_load((run_dir / "override.yaml").read_text())["seed_everything"] == 1
     assert [row["status"] for row in status_table(path, root=root)] == ["finished"] * 4
+
+
+def test_set_constants_reach_every_run_and_their_ids(tmp_path, fake_fit):
+    """research sweep --set KEY=VALUE: a constant another command made (e.g. a groups file), in each run's override;
+    another value gives other run ids, so a finished run with the old value is never taken for the new one."""
+    _, log = fake_fit
+    path = write_sweep(tmp_path)
+    root = tmp_path / "runs"
+    constants = parse_set(["data.init_args.groups_file=runs/a.jsonl", "trainer.max_steps=7"])
+    assert constants == {"data.init_args.groups_file": "runs/a.jsonl", "trainer.max_steps": 7}
+    result = run_sweep(path, root=root, quiet=True, constants=constants)
+    assert len(result.finished) == 4
+    for rid in result.finished:
+        override = yaml.safe_load((root / "toy" / rid / "override.yaml").read_text())
+        assert override["data"]["init_args"]["groups_file"] == "runs/a.jsonl" and override["trainer"]["max_steps"] == 7
+    assert json.loads((root / "toy" / "sweep_state.json").read_text())["constants"] == constants
+    other = run_sweep(path, root=root, quiet=True, constants={**constants, "data.init_args.groups_file": "runs/b.jsonl"})
+    assert len(other.finished) == 4 and not other.skipped and not set(other.finished) & set(result.finished)
+    assert [row["status"] for row in status_table(path, root=root, constants=constants)] == ["finished"] * 4
+    assert len(executions(log)) == 8
+    with pytest.raises(SweepError, match="sweeps this parameter"):
+        load_sweep(path, {"model.init_args.lr": 0.5})
+    for bad in (["no-equals-sign"], ["=1"], ["a=1", "a=2"]):
+        with pytest.raises(SweepError, match="--set"):
+            parse_set(bad)
 
 
 def test_parallel_workers_run_every_run_once(tmp_path, fake_fit):

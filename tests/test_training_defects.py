@@ -184,3 +184,19 @@ def test_listwise_groups_with_evaluation_queries_are_refused(tmp_path):
     assert sorted(next(iter(allowed.train_dataloader())).query_ids) == ["q1", "q6", "q8"]
     no_eval = ListwiseDataModule(str(beir), str(groups), batch_size=3, **{**EVAL, "eval_split": None})
     no_eval.setup("fit")  # nothing is evaluated: nothing to leak into
+
+
+def test_listwise_groups_with_validation_queries_are_refused(tmp_path):
+    """Checkpoints chosen on a dev split the student trained on are not chosen on held-out queries."""
+    beir = write_beir(tmp_path / "tiny")
+    (beir / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq8\td12\t1\n")
+    groups = write_jsonl(tmp_path / "groups.jsonl", [
+        {"query_id": "q1", "doc_ids": ["d11", "d1"], "labels": [0, 1]},
+        {"query_id": "q8", "doc_ids": ["d12", "d2"], "labels": [1, 0]},  # judged in dev, the validation split
+    ])
+    settings = {**EVAL, "eval_split": None, "val_split": "dev"}
+    with pytest.raises(DataFormatError) as error:
+        ListwiseDataModule(str(beir), str(groups), batch_size=2, **settings).setup("fit")
+    assert (error.value.line, error.value.field) == (2, "query_id")
+    assert "q8" in str(error.value) and "validation split 'dev'" in str(error.value) and "selected" in str(error.value)
+    ListwiseDataModule(str(beir), str(groups), batch_size=2, allow_eval_queries=True, **settings).setup("fit")

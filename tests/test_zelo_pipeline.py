@@ -238,6 +238,31 @@ def test_qrels_groups_command(beir, tmp_path):
     assert len(lines) == 3 and all(len(g["labels"]) == 4 for g in lines)
 
 
+def test_qrels_labels_added_to_a_zelo_groups_file(beir, data, tmp_path, capsys):
+    """--groups-from keeps the teacher's groups (queries, documents, order, fields) and adds the qrels' labels, so two
+    students that differ only in the label field read the same candidates."""
+    judged = list(data.judged_queries)[:2]
+    zelo = [{"query_id": q, "doc_ids": docs[::-1], "target": [0.9, 0.1][: len(docs)] + [0.5] * (len(docs) - 2),
+             "logit": [2.0] * len(docs)} for q, docs in candidate_lists(data, "bm25", 3, judged).items()]
+    source = tmp_path / "zelo_groups.jsonl"
+    source.write_text("".join(json.dumps(g) + "\n" for g in zelo))
+    out = tmp_path / "both.jsonl"
+    assert main(["zelo", "qrels-groups", "--data", str(beir), "--groups-from", str(source), "--out", str(out)]) == 0
+    both = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [{k: v for k, v in g.items() if k != "labels"} for g in both] == zelo
+    for g in both:
+        assert g["labels"] == [float(data.qrels[g["query_id"]].get(d, 0) >= 1) for d in g["doc_ids"]]
+    # flags that choose candidates contradict --groups-from: refused, not ignored
+    assert main(["zelo", "qrels-groups", "--data", str(beir), "--groups-from", str(source), "--top-n", "5",
+                 "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "drop --top-n" in capsys.readouterr().err
+    # a query without qrels in the split (here: a query of no split) names the file and the line
+    source.write_text(json.dumps(zelo[0]) + "\n" + json.dumps({**zelo[1], "query_id": "no-such-query"}) + "\n")
+    assert main(["zelo", "qrels-groups", "--data", str(beir), "--groups-from", str(source), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{source}:2: field 'query_id'" in err and "no-such-query" in err
+
+
 def test_votes_command_needs_a_judge(beir, tmp_path, capsys):
     assert main(["zelo", "votes", "--data", str(beir), "--out", str(tmp_path / "v.jsonl")]) == 2
     assert "--judge" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
     research sweep experiments/sweeps/scifact_losses.yaml [--parallel N] [--max-runs N] [--status]
     research sweep experiments/sweeps/scifact_losses.yaml --wandb-config wandb_sweep.yaml   # for `wandb sweep`
+    research sweep experiments/sweeps/zelo_labels_losses_dev.yaml --set data.init_args.groups_file=runs/g.jsonl
     research sweep-agent experiments/sweeps/scifact_losses.yaml --key=value ...             # what `wandb agent` runs
     research report runs/sweeps/scifact-losses --baseline InfoNCE --out experiments/results/scifact-losses
     research reproduce experiments/baselines/scifact.yaml [--only NAME]
@@ -21,17 +22,18 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
     from research.cli.lightning import check_fit_arguments
     from research.io import atomic_write
-    from research.runs.sweep import load_sweep, run_sweep, status_table, wandb_config
+    from research.runs.sweep import load_sweep, parse_set, run_sweep, status_table, wandb_config
 
+    constants = parse_set(args.set or [])
     if args.wandb_config:
-        sweep = load_sweep(args.file)
+        sweep = load_sweep(args.file, constants)
         out = Path(args.wandb_config)
         with atomic_write(out) as handle:
             yaml.safe_dump(wandb_config(sweep, args.file), handle, sort_keys=False)
         print(f"wrote {out}; then: wandb sweep {out}  and  wandb agent <entity>/<project>/<sweep id>")
         return
     if args.status:
-        rows = status_table(args.file, root=args.root, check=check_fit_arguments)
+        rows = status_table(args.file, root=args.root, check=check_fit_arguments, constants=constants)
         for row in rows:
             seconds = "" if row["seconds"] is None else f"{row['seconds']:.0f} s"
             print(f"{row['status']:<12} attempts {row['attempts']}  {row['run']:<48} {seconds}".rstrip())
@@ -43,7 +45,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                                                 if invalid else ""))
         return
     result = run_sweep(args.file, parallel=args.parallel, max_runs=args.max_runs, root=args.root,
-                       retry_failed=not args.skip_failed, check=check_fit_arguments)
+                       retry_failed=not args.skip_failed, check=check_fit_arguments, constants=constants)
     print(f"sweep {result.sweep_dir}: {len(result.finished)} finished now, {len(result.skipped)} were already finished, "
           f"{len(result.failed)} failed, {len(result.pending)} not finished")
     if result.failed:
@@ -62,7 +64,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     from research.runs.report import make_report
 
     make_report(args.source, baseline=args.baseline, metrics=args.metrics, out=args.out, permutations=args.permutations,
-                root=args.root, title=args.title, references=args.reference or ())
+                root=args.root, title=args.title, references=args.reference or (), one_factor=args.one_factor)
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
@@ -84,6 +86,9 @@ def register(sub) -> None:
                    help=f"where sweep folders live (default {layout.SWEEPS_ROOT})")
     p.add_argument("--status", action="store_true", help="list the runs and their state, run nothing")
     p.add_argument("--skip-failed", action="store_true", help="do not retry runs that failed before")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=None,
+                   help="set a constant parameter (a dotted config key; VALUE parsed as YAML), e.g. a file another "
+                        "command made; part of every run id (default: none)")
     p.add_argument("--wandb-config", metavar="OUT", help="write the pure W&B sweep file for `wandb sweep` and exit")
 
     p = sub.add_parser("sweep-agent", help="one sweep run from `wandb agent` (--key=value arguments)")
@@ -102,6 +107,8 @@ def register(sub) -> None:
     p.add_argument("--root", default=str(layout.RUNS_ROOT),
                    help=f"where names are looked up ({layout.SWEEPS_ROOT}/<name>, {layout.RUNS_ROOT}/<name>)")
     p.add_argument("--title", default=None, help="report title (default: the source folder and its counts)")
+    p.add_argument("--one-factor", action="store_true",
+                   help="also test every pair of configurations that differ in one parameter only (factorial sweeps)")
     p.add_argument("--reference", action="append", metavar="NAME=DIR",
                    help="add one evaluation (DIR with metrics.json + per_query.json), e.g. zero-shot=runs/x/eval")
 

@@ -5,6 +5,7 @@
     research zelo fit --votes votes.jsonl --out scores.jsonl --groups groups.jsonl
     research zelo train --config experiments/zelo/student.yaml   # = research fit --config ...
     research zelo qrels-groups --data scifact --split train --top-n 10 --out qrels_groups.jsonl  # baseline data
+    research zelo qrels-groups --data scifact --split train --groups-from groups.jsonl --out both.jsonl  # + labels
 """
 
 from __future__ import annotations
@@ -66,10 +67,19 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 def cmd_qrels_groups(args: argparse.Namespace) -> None:
-    from research.zelo.workflow import write_qrels_groups
+    from research.zelo.workflow import add_qrels_labels, write_qrels_groups
 
-    count = write_qrels_groups(args.data, args.split, args.out, candidates=args.candidates, top_n=args.top_n,
-                               max_queries=args.max_queries)
+    if args.groups_from:
+        given = [flag for flag, value in (("--candidates", args.candidates), ("--top-n", args.top_n),
+                                          ("--max-queries", args.max_queries)) if value is not None]
+        if given:
+            raise ResearchError(f"--groups-from takes its queries and candidates from {args.groups_from}: drop "
+                                f"{', '.join(given)}")
+        count = add_qrels_labels(args.data, args.split, args.groups_from, args.out)
+        print(f"{count} groups of {args.groups_from} with the qrels' labels added (field labels): {args.out}")
+        return
+    count = write_qrels_groups(args.data, args.split, args.out, candidates=args.candidates or "bm25",
+                               top_n=20 if args.top_n is None else args.top_n, max_queries=args.max_queries)
     print(f"{count} qrels-labelled candidate groups (field labels): {args.out}")
 
 
@@ -131,8 +141,11 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, help="dataset folder or name under $RESEARCH_DATA_DIR")
     p.add_argument("--split", default="train", help="qrels split whose judged queries and labels are used")
     p.add_argument("--max-queries", type=int, default=None, help="only the first N judged queries (as zelo votes)")
-    p.add_argument("--candidates", default="bm25", help="'bm25' (computed now) or a TREC run file")
-    p.add_argument("--top-n", type=int, default=20, help="candidates per query")
+    p.add_argument("--candidates", default=None, help="'bm25' (computed now; the default) or a TREC run file")
+    p.add_argument("--top-n", type=int, default=None, help="candidates per query (default 20)")
+    p.add_argument("--groups-from", metavar="FILE", default=None,
+                   help="label the groups of this file (e.g. zELO's) instead: its queries, documents, order and "
+                        "fields are kept, labels added (not with --candidates, --top-n or --max-queries)")
     p.add_argument("--out", required=True, help="listwise groups JSONL {query_id, doc_ids, labels}")
 
     p = zsub.add_parser("train", help="train the student: research fit --config FILE [Lightning overrides]",

@@ -57,6 +57,7 @@ FINISHED_MARKER = "FINISHED"
 STDOUT_LOG = "stdout.log"
 REPORT_DIR = "report"  # `research report`'s default output folder, holding the three files below
 REPORT_CSV = "report.csv"
+ONE_FACTOR_CSV = "one_factor.csv"  # research report --one-factor: pairs of configurations differing in one parameter
 RUNS_CSV = "runs.csv"
 REPORT_MD = "report.md"
 

@@ -4,7 +4,8 @@
   settings differ from those of the votes already on disk; :meth:`VotesJob.collect` writes the settings beside the
   votes (``OUT.meta.json``) and collects the missing votes (resumable, :func:`~research.zelo.pipeline.collect_votes`);
 - :func:`fit_votes_file`: a votes file -> a scores file (and optionally the student's listwise groups);
-- :func:`write_qrels_groups`: the same candidate groups labelled by the qrels (a baseline student's data).
+- :func:`write_qrels_groups`: the same candidate groups labelled by the qrels (a baseline student's data);
+- :func:`add_qrels_labels`: an existing groups file (e.g. zELO's) with the qrels' labels added beside its own fields.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import Any
 
 from research.data.beir import RetrievalDataset, load_dataset
 from research.data.votes import read_votes
-from research.errors import ResearchError
-from research.io import write_json, write_jsonl
+from research.errors import DataFormatError, ResearchError
+from research.io import iter_jsonl, require_field, write_json, write_jsonl
 from research.models.runtime import inference_autocast
 from research.zelo.fit import fit_votes, write_scores
 from research.zelo.judges import Ensemble, build_ensemble
@@ -122,3 +123,24 @@ def write_qrels_groups(data: str | Path, split: str, out: str | Path, candidates
     dataset = load_dataset(data, split)
     query_ids = list(dataset.judged_queries)[:max_queries] if max_queries is not None else None
     return write_jsonl(out, qrels_groups(dataset, candidate_lists(dataset, candidates, top_n, query_ids)))
+
+
+def add_qrels_labels(data: str | Path, split: str, groups_from: str | Path, out: str | Path) -> int:
+    """Write ``groups_from``'s groups with the qrels' binary ``labels`` added (every other field kept), so that a
+    qrels-labelled and a teacher-labelled student read the same candidates in the same order; returns the groups.
+
+    A group whose query has no qrels in ``split`` is refused (file, line): all-zero labels would hide a wrong split."""
+    dataset = load_dataset(data, split)
+    records = []
+    for line, record in iter_jsonl(groups_from):
+        query_id = str(require_field(record, "query_id", (str, int), groups_from, line))
+        doc_ids = [str(d) for d in require_field(record, "doc_ids", list, groups_from, line)]
+        if query_id not in dataset.qrels:
+            raise DataFormatError(groups_from, line, "query_id", f"query '{query_id}' has no qrels in split '{split}' "
+                                                                 f"of {data}")
+        if "labels" in record:
+            raise DataFormatError(groups_from, line, "labels", "already present (this command adds it)")
+        records.append({**record, "labels": qrels_groups(dataset, {query_id: doc_ids})[0]["labels"]})
+    if not records:
+        raise ResearchError(f"{groups_from}: no groups")
+    return write_jsonl(out, records)

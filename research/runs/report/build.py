@@ -13,8 +13,15 @@ from research.io import atomic_write
 from research.runs import layout
 from research.runs.report.plot import plot
 from research.runs.report.runs import find_runs, load_reference, resolve_source
-from research.runs.report.summary import ConfigSummary, add_tests, find_baseline, summarize
-from research.runs.report.tables import fixed_settings, markdown, write_csv, write_runs_csv
+from research.runs.report.summary import ConfigSummary, add_tests, find_baseline, one_factor_comparisons, summarize
+from research.runs.report.tables import (
+    fixed_settings,
+    markdown,
+    one_factor_markdown,
+    write_csv,
+    write_one_factor_csv,
+    write_runs_csv,
+)
 from research.runs.sweep.spec import configurations, load_sweep
 
 
@@ -23,11 +30,12 @@ def _sweep_order(base: Path) -> tuple[str | None, dict[str, int]]:
     state = base / layout.SWEEP_STATE_FILE
     if not state.is_file():
         return None, {}
-    sweep_file = json.loads(state.read_text(encoding="utf-8")).get("file")
+    recorded = json.loads(state.read_text(encoding="utf-8"))
+    sweep_file = recorded.get("file")
     if not sweep_file or not Path(sweep_file).is_file():
         return None, {}
     try:
-        sweep = load_sweep(sweep_file)
+        sweep = load_sweep(sweep_file, recorded.get("constants"))
     except ResearchError:  # the sweep file changed since: the runs still report, in the order found
         return None, {}
     metric = (sweep.metric_name or "").split("/")[-1] or None
@@ -40,10 +48,13 @@ def _sweep_order(base: Path) -> tuple[str | None, dict[str, int]]:
 
 def make_report(source: str | Path, baseline: str | None = None, metrics: Sequence[str] | None = None,
                 out: str | Path | None = None, permutations: int = 10000, root: str | Path = layout.RUNS_ROOT,
-                title: str | None = None, quiet: bool = False, references: Sequence[str] = ()) -> dict[str, Any]:
+                title: str | None = None, quiet: bool = False, references: Sequence[str] = (),
+                one_factor: bool = False) -> dict[str, Any]:
     """Gather the finished runs of ``source`` and write ``report.csv``, ``runs.csv``, ``report.md`` and plots.
 
     ``references`` (``NAME=DIR``) add single evaluations, e.g. the untrained model, as rows and dashed lines.
+    ``one_factor``: also test every pair of configurations that differ in one parameter (``one_factor.csv`` and a
+    section of ``report.md``), the main effects of a factorial sweep at each level of the other parameters.
     """
     base = resolve_source(source, root)
     runs = find_runs(base, root)
@@ -71,6 +82,9 @@ def make_report(source: str | Path, baseline: str | None = None, metrics: Sequen
     base_summary = find_baseline(summaries, baseline) if baseline else None
     if base_summary is not None:
         add_tests(summaries, base_summary, metrics, permutations)
+    comparisons = one_factor_comparisons(summaries, metrics, permutations) if one_factor else []
+    if one_factor and not comparisons:
+        raise ResearchError(f"--one-factor: no two configurations of {base} differ in exactly one parameter")
     param_keys = list(dict.fromkeys(k for s in summaries for k in s.params))
     varying = [k for k in param_keys if len({json.dumps(s.params.get(k), sort_keys=True, default=str) for s in summaries}) > 1]
     out = Path(out) if out else base / layout.REPORT_DIR
@@ -81,11 +95,15 @@ def make_report(source: str | Path, baseline: str | None = None, metrics: Sequen
     write_csv(out / layout.REPORT_CSV, summaries, metrics, param_keys)
     write_runs_csv(out / layout.RUNS_CSV, [*runs, *reference_runs], metrics)
     text = markdown(summaries, metrics, base_summary, primary, title, fixed, runs, permutations, plots)
+    if one_factor:
+        write_one_factor_csv(out / layout.ONE_FACTOR_CSV, comparisons, metrics)
+        text += "\n".join(one_factor_markdown(comparisons, primary, permutations)) + "\n"
     with atomic_write(out / layout.REPORT_MD) as handle:
         handle.write(text)
     if not quiet:
         print(text)
         print(f"wrote {out}/: " + ", ".join([layout.REPORT_MD, layout.REPORT_CSV, layout.RUNS_CSV,
+                                               *([layout.ONE_FACTOR_CSV] if one_factor else []),
                                                *(p.name for p in plots)]))
     return {"summaries": summaries, "baseline": base_summary, "out": out, "plots": plots, "metrics": metrics,
-            "primary": primary}
+            "primary": primary, "one_factor": comparisons}

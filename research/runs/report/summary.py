@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import numpy as np
 from research.errors import ResearchError
 from research.eval.significance import holm, paired_randomization_test, paired_ttest
 from research.runs.report.runs import RunRecord
+from research.runs.sweep.naming import short_value
 
 
 @dataclass
@@ -72,12 +74,54 @@ def add_tests(summaries: Sequence[ConfigSummary], baseline: ConfigSummary, metri
             queries = sorted(set(summary.per_query[metric]) & set(baseline.per_query[metric]))
             a = [summary.per_query[metric][q] for q in queries]
             b = [baseline.per_query[metric][q] for q in queries]
-            t, p_t = paired_ttest(a, b)
-            p_perm = paired_randomization_test(a, b, permutations=permutations)
-            summary.tests[metric] = {"delta": summary.mean[metric] - baseline.mean[metric],
-                                     "delta_per_query": float(np.mean(a) - np.mean(b)) if queries else math.nan,
-                                     "t": t, "p_ttest": p_t, "p_perm": p_perm, "queries": len(queries)}
+            summary.tests[metric] = {**_paired(summary, baseline, metric, permutations),
+                                     "delta_per_query": float(np.mean(a) - np.mean(b)) if queries else math.nan}
         for key in ("p_ttest", "p_perm"):
             adjusted = holm([s.tests[metric][key] for s in others])
             for summary, value in zip(others, adjusted):
                 summary.tests[metric][f"{key}_holm"] = value
+
+
+def _paired(a: ConfigSummary, b: ConfigSummary, metric: str, permutations: int) -> dict[str, float]:
+    """Paired t-test and randomization test of ``a`` against ``b`` over their common queries."""
+    queries = sorted(set(a.per_query[metric]) & set(b.per_query[metric]))
+    x = [a.per_query[metric][q] for q in queries]
+    y = [b.per_query[metric][q] for q in queries]
+    t, p_t = paired_ttest(x, y)
+    return {"delta": a.mean[metric] - b.mean[metric], "t": t, "p_ttest": p_t,
+            "p_perm": paired_randomization_test(x, y, permutations=permutations), "queries": len(queries)}
+
+
+@dataclass
+class FactorComparison:
+    """Two configurations that differ in one parameter only: ``changed`` from ``first``'s value to ``second``'s."""
+
+    parameter: str
+    first: ConfigSummary
+    second: ConfigSummary
+    fixed: dict[str, Any]  # the other parameters, the same in both
+    tests: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> delta (second - first), p-values
+
+
+def one_factor_comparisons(summaries: Sequence[ConfigSummary], metrics: Sequence[str],
+                           permutations: int = 10000) -> list[FactorComparison]:
+    """Every pair of configurations whose parameters differ in exactly one key (a factorial sweep's main effects at
+    each level of the others), tested paired over queries; Holm-adjusted over the comparisons, per metric."""
+    configs = [s for s in summaries if not s.reference]
+    keys = list(dict.fromkeys(k for s in configs for k in s.params))
+    value = lambda s, k: json.dumps(s.params.get(k), sort_keys=True, default=str)  # noqa: E731
+    comparisons = []
+    for i, first in enumerate(configs):
+        for second in configs[i + 1:]:
+            changed = [k for k in keys if value(first, k) != value(second, k)]
+            if len(changed) == 1:
+                fixed = {k: short_value(first.params.get(k)) for k in keys if k != changed[0]}
+                comparisons.append(FactorComparison(changed[0], first, second, fixed))
+    for metric in metrics:
+        for comparison in comparisons:
+            comparison.tests[metric] = _paired(comparison.second, comparison.first, metric, permutations)
+        for key in ("p_ttest", "p_perm"):
+            adjusted = holm([c.tests[metric][key] for c in comparisons])
+            for comparison, p in zip(comparisons, adjusted):
+                comparison.tests[metric][f"{key}_holm"] = p
+    return comparisons

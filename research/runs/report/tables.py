@@ -14,7 +14,7 @@ import numpy as np
 from research.io import atomic_write
 from research.runs import layout
 from research.runs.report.runs import RunRecord
-from research.runs.report.summary import ConfigSummary
+from research.runs.report.summary import ConfigSummary, FactorComparison
 
 # The settings that fix a run's budget: the markdown lists those every run shares.
 BUDGET_KEYS = (
@@ -65,6 +65,40 @@ def write_csv(path: Path, summaries: Sequence[ConfigSummary], metrics: Sequence[
                 row += ["" if k not in test or math.isnan(test[k]) else f"{test[k]:.6g}"
                         for k in ("delta", "p_ttest", "p_perm", "p_ttest_holm", "p_perm_holm")]
             writer.writerow(row)
+
+
+def write_one_factor_csv(path: Path, comparisons: Sequence[FactorComparison], metrics: Sequence[str]) -> None:
+    header = ["parameter", "first", "second", "fixed"]
+    for metric in metrics:
+        header += [f"{metric} delta", f"{metric} p_ttest", f"{metric} p_perm", f"{metric} p_ttest_holm",
+                   f"{metric} p_perm_holm", f"{metric} queries"]
+    with atomic_write(path) as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header)
+        for c in comparisons:
+            row = [c.parameter, c.first.label, c.second.label, " ".join(f"{k}={v}" for k, v in c.fixed.items())]
+            for metric in metrics:
+                test = c.tests[metric]
+                row += [f"{test[k]:.6g}" for k in ("delta", "p_ttest", "p_perm", "p_ttest_holm", "p_perm_holm")]
+                row.append(test["queries"])
+            writer.writerow(row)
+
+
+def one_factor_markdown(comparisons: Sequence[FactorComparison], primary: str, permutations: int) -> list[str]:
+    """The section of ``report.md`` for :func:`~research.runs.report.summary.one_factor_comparisons`."""
+    lines = ["", f"## One change at a time ({primary})", "",
+             "| changed | from | to | others fixed at | Δ (to − from) | p (t-test) | p (perm.) | p (perm., Holm) |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
+    for c in comparisons:
+        test = c.tests[primary]
+        fixed = ", ".join(f"{k}={v}" for k, v in c.fixed.items()) or "—"
+        lines.append(f"| {c.parameter} | {c.first.label} | {c.second.label} | {fixed} | {test['delta']:+.4f} | "
+                     f"{_fmt_p(test['p_ttest'])} | {_fmt_p(test['p_perm'])} | {_fmt_p(test['p_perm_holm'])} |")
+    queries = comparisons[0].tests[primary]["queries"] if comparisons else 0
+    lines += ["", f"- Every pair of configurations that differ in one parameter only, paired over the {queries} queries "
+                  f"(per-query values averaged over seeds; randomization test with {permutations:,} sign flips or "
+                  f"exact); Holm over the {len(comparisons)} comparisons; every metric in {layout.ONE_FACTOR_CSV}."]
+    return lines
 
 
 def write_runs_csv(path: Path, runs: Sequence[RunRecord], metrics: Sequence[str]) -> None:

@@ -24,6 +24,8 @@ A sweep file is a W&B sweep configuration plus a few keys of ours::
 A parameter's value may also be a mapping of dotted keys (a *bundle*), e.g. a loss together with its data
 setting: ``values: [{model.init_args.loss.class_path: research.losses.InfoNCE, data.init_args.num_negatives: 1}]``;
 an optional ``name`` key (no dot) labels the bundle in run ids and reports instead of its joined values.
+``research sweep FILE --set KEY=VALUE`` adds or replaces a constant parameter (e.g. a file another command made);
+constants are hashed into the run ids, so another value never reuses a finished run.
 
 Offline (:func:`run_sweep`, ``research sweep FILE``): every run is ``research fit --config <configs...> --config
 <override.yaml>`` in a subprocess, in ``runs/sweeps/<name>/<run id>``; the run id is deterministic (parameter values
@@ -62,6 +64,7 @@ from research.runs.sweep.spec import (
     expand_runs,
     load_sweep,
     override_config,
+    parse_set,
     sample_value,
 )
 from research.runs.sweep.wandb import agent_run, parse_agent_args, wandb_config
@@ -69,6 +72,6 @@ from research.runs.sweep.wandb import agent_run, parse_agent_args, wandb_config
 __all__ = [
     "BUNDLE_NAME", "SAMPLERS", "SEED_PARAMETER", "RunSpec", "Runner", "Sweep", "SweepError", "SweepResult",
     "SweepState", "agent_run", "config_label", "configurations", "expand_runs", "fit_command", "is_finished",
-    "load_sweep", "override_config", "parse_agent_args", "run_id", "run_sweep", "sample_value", "short_key",
+    "load_sweep", "override_config", "parse_agent_args", "parse_set", "run_id", "run_sweep", "sample_value", "short_key",
     "short_value", "status_table", "sweep_dir_for", "wandb_config",
 ]

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -142,6 +142,7 @@ class SweepState:
         else:
             self.data = {"sweep": sweep.name, "file": str(sweep.path), "method": sweep.method, "created": _now(), "runs": {}}
         self.data["sweep_file_sha1"] = hashlib.sha1(sweep.path.read_bytes()).hexdigest() if sweep.path else None
+        self.data["constants"] = sweep.constants  # research sweep --set: what the report needs to find the order
 
     def run(self, rid: str) -> dict[str, Any]:
         return self.data["runs"].get(rid, {})
@@ -280,12 +281,14 @@ class Runner:
 
 
 def run_sweep(path: str | Path, parallel: int = 1, max_runs: int | None = None, root: str | Path = layout.SWEEPS_ROOT,
-              quiet: bool = False, retry_failed: bool = True, check: FitCheck | None = None) -> SweepResult:
+              quiet: bool = False, retry_failed: bool = True, check: FitCheck | None = None,
+              constants: Mapping[str, Any] | None = None) -> SweepResult:
     """Run the grid/random sweep of ``path`` locally, skipping finished runs (see :mod:`research.runs.sweep`).
 
     With ``check`` (``research sweep`` passes the fit parser), every run to start is checked first: if any would fail
-    at the start, nothing runs (:class:`SweepError` naming the parameter and the reason)."""
-    sweep = load_sweep(path)
+    at the start, nothing runs (:class:`SweepError` naming the parameter and the reason). ``constants``: as
+    :func:`~research.runs.sweep.spec.load_sweep`'s."""
+    sweep = load_sweep(path, constants)
     runs = expand_runs(sweep)
     if parallel < 1:
         raise SweepError("--parallel must be >= 1")
@@ -345,10 +348,10 @@ def run_sweep(path: str | Path, parallel: int = 1, max_runs: int | None = None, 
 
 
 def status_table(path: str | Path, root: str | Path = layout.SWEEPS_ROOT,
-                 check: FitCheck | None = None) -> list[dict[str, Any]]:
+                 check: FitCheck | None = None, constants: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """Each run of a sweep with its status, attempts, seconds and, for a failed or ``invalid`` one (``check`` refuses
     its configuration), the reason (for ``research sweep FILE --status``)."""
-    sweep = load_sweep(path)
+    sweep = load_sweep(path, constants)
     sweep_dir = sweep_dir_for(sweep, root)
     state_path = sweep_dir / layout.SWEEP_STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"runs": {}}

@@ -7,7 +7,7 @@ import json
 import math
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ class Sweep:
     keep_checkpoints: bool = True
     path: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    constants: dict[str, Any] = field(default_factory=dict)  # research sweep --set (already in ``parameters``)
 
     @property
     def metric_name(self) -> str | None:
@@ -55,8 +56,11 @@ class Sweep:
                      or isinstance(spec.get("values"), list) and len(spec["values"]) > 1)
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read and check a sweep file (see :mod:`research.runs.sweep`)."""
+def load_sweep(path: str | Path, constants: Mapping[str, Any] | None = None) -> Sweep:
+    """Read and check a sweep file (see :mod:`research.runs.sweep`).
+
+    ``constants`` (``research sweep --set KEY=VALUE``) add or replace constant parameters, e.g. a path another command
+    made; a swept parameter cannot be set. Constants are part of every run id, so another value never reuses a run."""
     path = Path(path)
     raw = read_yaml_file(path, "sweep file")  # missing, non-UTF-8, YAML syntax: one line naming file and line
     if not isinstance(raw, dict):
@@ -102,10 +106,40 @@ def load_sweep(path: str | Path) -> Sweep:
     metric = raw.get("metric")
     if metric is not None and (not isinstance(metric, dict) or "name" not in metric):
         raise SweepError(f"{yaml_location(path, 'metric')} must be a mapping with 'name' (and 'goal')")
+    parameters = dict(parameters)
+    for key, value in (constants or {}).items():
+        spec = parameters.get(key, {})
+        if isinstance(spec.get("values"), list) and len(spec["values"]) > 1 or "distribution" in spec:
+            raise SweepError(f"--set {key}: {yaml_location(path, f'parameters.{key}')} sweeps this parameter; "
+                             f"--set only sets constants")
+        parameters[key] = {"value": value}
     return Sweep(name=name, method=method, parameters=parameters, configs=[str(c) for c in configs], seeds=list(seeds),
                  seed_keys=seed_keys, metric=metric, fit_args=[str(a) for a in raw.get("fit_args") or []],
                  run_cap=run_cap, random_seed=int(raw.get("random_seed", 0)),
-                 keep_checkpoints=bool(raw.get("keep_checkpoints", True)), path=path, raw=raw)
+                 keep_checkpoints=bool(raw.get("keep_checkpoints", True)), path=path, raw=raw,
+                 constants=dict(constants or {}))
+
+
+def parse_set(assignments: Iterable[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` (``research sweep --set``) -> ``{"a.b": 1, "c": "x"}``; values are parsed as YAML."""
+    constants: dict[str, Any] = {}
+    for text in assignments:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise SweepError(f"--set {text!r}: expected KEY=VALUE (a dotted config key)")
+        if key in constants:
+            raise SweepError(f"--set {key}: given twice")
+        constants[key.strip()] = _yaml_value(value) if value else ""
+    return constants
+
+
+def _yaml_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SweepError(f"--set value {text!r} is not YAML: {err}") from None
 
 
 # ---------------------------------------------------------------- parameter values
