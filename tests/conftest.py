@@ -24,6 +24,10 @@ _shared = Path(__file__).resolve().parents[2] / "shared" / "data"  # the checkou
 if "RESEARCH_DATA_DIR" not in os.environ and _shared.is_dir():
     os.environ["RESEARCH_DATA_DIR"] = str(_shared)
 
+# Lightning gives its logger a StreamHandler on the sys.stderr of its first import. Imported here, that is the
+# session's stream; first imported inside a test, it would be that test's captured stream, closed after it, and
+# every later Lightning log line would print a "--- Logging error ---" traceback (test_malformed_inputs run alone).
+import lightning.pytorch  # noqa: E402,F401
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
