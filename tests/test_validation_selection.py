@@ -91,7 +91,14 @@ def test_validation_picks_the_best_epoch_and_fit_saves_and_tests_it(tiny_model_d
     best = max(range(len(series)), key=lambda i: (series[i], -i))  # ModelCheckpoint keeps the first of equal scores
     assert best != len(series) - 1, f"the tiny run must make selection matter: {series}"
     assert [p.name for p in (run_dir / "checkpoints").glob("best-*.ckpt")] == [f"best-epoch={best}.ckpt"]
-    assert f"best-epoch={best}.ckpt (val/nDCG@10 {series[best]:.4f})" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert f"best-epoch={best}.ckpt (val/nDCG@10 {series[best]:.4f})" in captured.out
+    # the dev curve is in the run folder whatever the logger, and on stderr, one entry per validation
+    history = json.loads((run_dir / "val_history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(6))
+    assert [h["metrics"]["nDCG@10"] for h in history] == pytest.approx(series, abs=1e-6)
+    assert all(set(h["metrics"]) >= {"nDCG@10", "RR@10"} for h in history)
+    assert f"validation (epoch {best}, step {history[best]['step']}): nDCG@10 {series[best]:.4f}" in captured.err
     # model/ holds the chosen epoch's weights: scored on dev it gives that epoch's val/nDCG@10 ...
     assert main(["evaluate", "--model", str(run_dir / "model"), "--data", str(dev_data), "--split", "dev",
                  "--batch-size", "16", "--out", str(tmp_path / "on-dev")]) == 0
@@ -187,3 +194,28 @@ def test_a_monitored_checkpoint_without_validation_is_an_error(tiny_model_dir, d
     assert main(["fit", "--config", str(config)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and re.match(r"research: error: .*val/nDCG@10", errors[0]), errors
+
+
+def test_validation_history_continues_after_a_resume(tmp_path, capsys):
+    """The list lives in the callback's checkpoint state: a resumed run appends to it instead of starting over."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from research.training.callbacks import ValidationHistory
+
+    def trainer(epoch: int, value: float, sanity: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(sanity_checking=sanity, is_global_zero=True, current_epoch=epoch, global_step=10 * epoch,
+                               callback_metrics={"val/nDCG@10": torch.tensor(value), "train/loss": torch.tensor(1.0)})
+
+    path = tmp_path / "val_history.json"
+    first = ValidationHistory(path)
+    first.on_validation_end(trainer(0, 0.5, sanity=True), None)  # the sanity check is not a validation
+    first.on_validation_end(trainer(0, 0.5), None)
+    first.on_validation_end(trainer(1, 0.625), None)
+    resumed = ValidationHistory(path)
+    resumed.load_state_dict(first.state_dict())
+    resumed.on_validation_end(trainer(2, 0.75), None)
+    assert json.loads(path.read_text()) == [{"epoch": e, "step": 10 * e, "metrics": {"nDCG@10": v}}
+                                            for e, v in ((0, 0.5), (1, 0.625), (2, 0.75))]
+    assert capsys.readouterr().err.count("validation (epoch") == 3

@@ -77,7 +77,8 @@ def _research_cli(parse_only: bool = False):
             kwargs["callbacks"] = default_callbacks(
                 trainer_config.get("callbacks"), enable_checkpointing=trainer_config.get("enable_checkpointing"),
                 skip_nonfinite_batches=config.get("skip_nonfinite_batches", False),
-                checkpoint_every_n_steps=config.get("checkpoint_every_n_steps", DEFAULT_CHECKPOINT_EVERY_N_STEPS))
+                checkpoint_every_n_steps=config.get("checkpoint_every_n_steps", DEFAULT_CHECKPOINT_EVERY_N_STEPS),
+                validation_history=run_dir / layout.VAL_HISTORY_FILE)
             if trainer_config.get("logger") in (None, True):
                 kwargs["logger"] = default_logger(run_dir, name=f"{name}/{run_dir.name}", group=name)
             kwargs["default_root_dir"] = str(run_dir)

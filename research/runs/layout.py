@@ -42,6 +42,7 @@ EVAL_DIR = "eval"
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
+VAL_HISTORY_FILE = "val_history.json"  # every validation's val/ metrics (research.training.callbacks.ValidationHistory)
 # Lightning's own names (SaveConfigCallback, CSVLogger): spelled here so that readers agree with what it writes.
 CONFIG_FILE = "config.yaml"
 METRICS_CSV = "metrics.csv"

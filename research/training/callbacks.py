@@ -5,6 +5,8 @@
 * :class:`ExactResume`: reseeds torch / numpy / random at every training batch from ``(seed, epoch, batch)`` and
   hands the saved data position back to the train loader, so a run resumed from a mid-epoch checkpoint trains on the
   same batches with the same dropout as the uninterrupted run.
+* :class:`ValidationHistory`: every validation's ``val/`` metrics, epoch and step as one JSON list in the run folder
+  (and one line on stderr), whatever the logger: the dev curve a monitored checkpoint was chosen on.
 * :class:`AtomicCheckpointIO`: checkpoints written to a temporary file beside the target, fsynced, then renamed into
   place; loaded with ``weights_only=True``.
 * :class:`RedactingSaveConfigCallback`: LightningCLI's ``config.yaml`` (written atomically), the hyperparameters sent to
@@ -13,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
@@ -212,6 +215,38 @@ class ExactResume(Callback):
                 loader.load_state_dict(state)
 
 
+class ValidationHistory(Callback):
+    """Rewrites ``path`` (atomically) after each validation with the list of every validation so far: ``{"epoch",
+    "step", "metrics": {name: value}}`` from the ``val/`` metrics the module logged; prints the same on stderr.
+    Rank 0 only; the list is saved in checkpoints, so a resumed run continues it."""
+
+    PREFIX = "val/"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.history: list[dict[str, Any]] = []
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = {key[len(self.PREFIX):]: float(value) for key, value in trainer.callback_metrics.items()
+                   if key.startswith(self.PREFIX)}
+        if not metrics:
+            return
+        record = {"epoch": trainer.current_epoch, "step": trainer.global_step, "metrics": metrics}
+        self.history.append(record)
+        with atomic_write(self.path) as handle:
+            json.dump(self.history, handle, indent=1)
+        print(f"validation (epoch {record['epoch']}, step {record['step']}): "
+              + "  ".join(f"{name} {value:.4f}" for name, value in metrics.items()), file=sys.stderr, flush=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+
+
 def _flatten_loaders(loaders: Any) -> list[Any]:
     if isinstance(loaders, dict):
         return [item for value in loaders.values() for item in _flatten_loaders(value)]
@@ -312,9 +347,10 @@ DEFAULT_CHECKPOINT_EVERY_N_STEPS = 500
 
 
 def default_callbacks(configured: Any, *, enable_checkpointing: bool | None, skip_nonfinite_batches: bool,
-                      checkpoint_every_n_steps: int) -> list[Any]:
+                      checkpoint_every_n_steps: int, validation_history: Path | None = None) -> list[Any]:
     """The configured callbacks plus what ``research fit`` adds unless configured: a step-interval
-    ``ModelCheckpoint(save_last=True)``, :class:`NonFiniteLossGuard` and :class:`ExactResume`."""
+    ``ModelCheckpoint(save_last=True)``, :class:`NonFiniteLossGuard`, :class:`ExactResume` and (given a path)
+    :class:`ValidationHistory`."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     callbacks = [] if configured is None else list(configured) if isinstance(configured, (list, tuple)) else [configured]
@@ -326,6 +362,8 @@ def default_callbacks(configured: Any, *, enable_checkpointing: bool | None, ski
         callbacks.append(NonFiniteLossGuard(skip_nonfinite_batches=skip_nonfinite_batches))
     if not any(issubclass(k, ExactResume) for k in kinds):
         callbacks.append(ExactResume())
+    if validation_history is not None and not any(issubclass(k, ValidationHistory) for k in kinds):
+        callbacks.append(ValidationHistory(validation_history))
     return callbacks
 
 
