@@ -71,11 +71,7 @@ def add_tests(summaries: Sequence[ConfigSummary], baseline: ConfigSummary, metri
     for metric in metrics:
         others = [s for s in summaries if s is not baseline]
         for summary in others:
-            queries = sorted(set(summary.per_query[metric]) & set(baseline.per_query[metric]))
-            a = [summary.per_query[metric][q] for q in queries]
-            b = [baseline.per_query[metric][q] for q in queries]
-            summary.tests[metric] = {**_paired(summary, baseline, metric, permutations),
-                                     "delta_per_query": float(np.mean(a) - np.mean(b)) if queries else math.nan}
+            summary.tests[metric] = _paired(summary, baseline, metric, permutations)
         for key in ("p_ttest", "p_perm"):
             adjusted = holm([s.tests[metric][key] for s in others])
             for summary, value in zip(others, adjusted):
@@ -88,8 +84,10 @@ def _paired(a: ConfigSummary, b: ConfigSummary, metric: str, permutations: int) 
     x = [a.per_query[metric][q] for q in queries]
     y = [b.per_query[metric][q] for q in queries]
     t, p_t = paired_ttest(x, y)
-    return {"delta": a.mean[metric] - b.mean[metric], "t": t, "p_ttest": p_t,
-            "p_perm": paired_randomization_test(x, y, permutations=permutations), "queries": len(queries)}
+    return {"delta": a.mean[metric] - b.mean[metric],
+            "delta_per_query": float(np.mean(x) - np.mean(y)) if queries else math.nan,
+            "t": t, "p_ttest": p_t, "p_perm": paired_randomization_test(x, y, permutations=permutations),
+            "queries": len(queries)}
 
 
 @dataclass

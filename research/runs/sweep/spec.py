@@ -125,11 +125,12 @@ def parse_set(assignments: Iterable[str]) -> dict[str, Any]:
     constants: dict[str, Any] = {}
     for text in assignments:
         key, sep, value = text.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise SweepError(f"--set {text!r}: expected KEY=VALUE (a dotted config key)")
         if key in constants:
             raise SweepError(f"--set {key}: given twice")
-        constants[key.strip()] = _yaml_value(value) if value else ""
+        constants[key] = _yaml_value(value) if value else ""
     return constants
 
 
