@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-WEIGHTS = [round(0.1 * i, 1) for i in range(11)]
 # calibrated log-odds (most pairs sit near -3); the grid of the committed table (experiments/results/llm_layers)
 THRESHOLDS = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0, math.inf]
 TOLERANCE = 0.01
@@ -102,14 +101,14 @@ def analyse(splits, scores, layers, stages) -> dict:
     bm25_dev = evaluate_run(dev_bm25, dev.qrels, METRICS)
     bm25_test = evaluate_run(test_bm25, test.qrels, METRICS)
     from research.data.candidates import pairs_to_run
+    from research.retrieval.fusion import choose_weight
 
     rows, per_query, tests, runs = {}, {}, {}, {}
     for stage in stages:
         for i, layer in enumerate(layers):
             dev_scores, test_scores = scores[(stage, "dev")][:, i], scores[(stage, "test")][:, i]
-            dev_fused = {w: evaluate_run(interpolated(dev_pairs, dev_scores, dev_bm25, w), dev.qrels, METRICS)
-                         .metrics.aggregate["nDCG@10"] for w in WEIGHTS}
-            weight = max(WEIGHTS, key=lambda w: (dev_fused[w], w))
+            weight, dev_fused = choose_weight(pairs_to_run(dev_pairs, [float(v) for v in dev_scores]), dev_bm25,
+                                              dev.qrels)
             raw = evaluate(test_pairs, test_scores, test.qrels).metrics
             fused = evaluate_run(interpolated(test_pairs, test_scores, test_bm25, weight), test.qrels, METRICS).metrics
             runs[(stage, layer)] = (pairs_to_run(test_pairs, [float(v) for v in test_scores]),
@@ -130,9 +129,7 @@ def analyse(splits, scores, layers, stages) -> dict:
         test_curve = adaptive_curve(test, test_pairs, scores[(stage, "test")], choice["calibration"], layers)
         chosen = next(p for p in test_curve if p["threshold"] == choice["threshold"])
         final, _ = simulate_adaptive(scores[(stage, "dev")], choice["calibration"], layers, choice["threshold"])
-        dev_fused = {w: evaluate_run(interpolated(dev_pairs, final, dev_bm25, w), dev.qrels, METRICS)
-                     .metrics.aggregate["nDCG@10"] for w in WEIGHTS}
-        weight = max(WEIGHTS, key=lambda w: (dev_fused[w], w))
+        weight, _ = choose_weight(pairs_to_run(dev_pairs, [float(v) for v in final]), dev_bm25, dev.qrels)
         final, _ = simulate_adaptive(scores[(stage, "test")], choice["calibration"], layers, choice["threshold"])
         chosen_fused = evaluate_run(interpolated(test_pairs, final, test_bm25, weight), test.qrels, METRICS)
         adaptive[stage] = {**choice, "test_curve": test_curve, "test_chosen": chosen, "weight": weight,

@@ -29,7 +29,7 @@ from research.losses import CombinedLoss, ListwiseSoftmaxCE, PointwiseBCE, RankN
 from research.models.bi_encoder import BiEncoder, BiEncoderConfig
 from research.models.cross_encoder import CrossEncoder, CrossEncoderConfig
 from research.models.scorers import BiEncoderLoader, BiEncoderScorer, CrossEncoderLoader, load_scorer
-from research.retrieval.fusion import interpolate
+from research.retrieval.fusion import choose_weight, interpolate
 from research.retrieval.rerank import candidate_run, rerank_run
 
 WORDS = ("the a of in and is to with cell cells protein proteins gene genes cancer tumor dna rna mouse mice human "
@@ -313,6 +313,33 @@ def test_research_rerank_end_to_end(beir, ce_dir, tmp_path, capsys):
     assert_runs_close(read_run(out2 / "run.trec"), reranked)
     assert_runs_close(read_run(out2 / "interpolated" / "run.trec"), interpolate(reranked, truncate_run(CANDIDATES, 3), 0.5))
     assert json.loads((out2 / "interpolated" / "metrics.json").read_text())["weight"] == 0.5
+
+
+def test_research_rerank_chooses_the_interpolation_weight_on_another_split(beir, ce_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["rerank", "--model", str(ce_dir), "--data", str(beir), "--split", "test", "--top-k", "5",
+                 "--out", str(out), "--interpolate-on", "train"]) == 0
+    model = CrossEncoder.from_pretrained(ce_dir).eval()
+    splits = {}
+    for split in ("train", "test"):
+        data = load_dataset(beir, split)
+        candidates = truncate_run(candidate_run("bm25", data, 5, list(data.judged_queries)), 5)
+        splits[split] = (data, candidates, rerank_run(model, data, candidates, top_k=5))
+    weight, curve = choose_weight(splits["train"][2], splits["train"][1], splits["train"][0].qrels)
+    fused = json.loads((out / "interpolated" / "metrics.json").read_text())
+    assert fused["weight"] == weight and fused["weight_chosen_on"] == "train"
+    assert fused["weight_curve"] == pytest.approx({f"{w:g}": v for w, v in curve.items()})
+    _, test_candidates, test_run = splits["test"]
+    assert_runs_close(read_run(out / "interpolated" / "run.trec"), interpolate(test_run, test_candidates, weight))
+    assert set(json.loads((out / "interpolated" / "per_query.json").read_text())) == {"q4", "q5", "q6"}
+    assert f"interpolation weight chosen on train (3 queries, nDCG@10): {weight:g}" in capsys.readouterr().out
+
+    assert main(["rerank", "--model", str(ce_dir), "--data", str(beir), "--split", "test",
+                 "--out", str(tmp_path / "same"), "--interpolate-on", "test"]) == 2
+    assert "chosen on another split" in capsys.readouterr().err and not (tmp_path / "same").exists()
+    assert main(["rerank", "--model", str(ce_dir), "--data", str(beir), "--split", "test",
+                 "--out", str(tmp_path / "nodev"), "--interpolate-on", "dev"]) == 2
+    assert not (tmp_path / "nodev").exists()
 
 
 def test_research_rerank_detects_the_model_kind(beir, tmp_path, capsys):

@@ -1,11 +1,12 @@
-"""Score interpolation: a hand-worked example and a numpy reference."""
+"""Score interpolation: a hand-worked example and a numpy reference; the weight chosen on validation queries."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from research.retrieval.fusion import interpolate, zscore
+from research.eval.metrics import compute_metrics
+from research.retrieval.fusion import WEIGHT_GRID, choose_weight, interpolate, zscore
 
 
 def test_hand_worked_example():
@@ -41,3 +42,30 @@ def test_constant_scores_and_bad_weight():
     assert zscore({}) == {}
     with pytest.raises(ValueError, match="weight"):
         interpolate({"q": {"a": 1.0}}, {}, weight=1.5)
+
+
+def test_choose_weight_hand_worked():
+    # re-ranker b=2 > a=1 > c=-3, first stage c=2 > a=1 > b=-3; only a is relevant. Both z-score sets are
+    # {+0.463, +0.926, -1.389} (std sqrt(14/3)), so the fused a = 0.463 at every w, b = 2.315 w - 1.389 and
+    # c = 0.926 - 2.315 w: a is first iff 0.2 < w < 0.8 (a tie at 0.2 and 0.8 exactly), and the tie rule takes 0.7.
+    reranked = {"q": {"a": 1.0, "b": 2.0, "c": -3.0}}
+    first = {"q": {"a": 1.0, "b": -3.0, "c": 2.0}}
+    weight, curve = choose_weight(reranked, first, {"q": {"a": 1}})
+    assert weight == 0.7 and list(curve) == list(WEIGHT_GRID)
+    assert [w for w, v in curve.items() if v == pytest.approx(1.0)] == [0.3, 0.4, 0.5, 0.6, 0.7]
+    assert curve[0.0] < 1.0 and curve[1.0] < 1.0
+
+
+def test_choose_weight_curve_equals_a_brute_force_evaluation():
+    rng = np.random.default_rng(3)
+    docs = [f"d{i}" for i in range(12)]
+    reranked = {f"q{j}": {d: float(rng.normal()) for d in docs} for j in range(8)}
+    first = {q: {d: float(rng.normal() * 5 + 10) for d in docs} for q in reranked}
+    qrels = {q: {d: int(rng.integers(0, 3)) for d in rng.choice(docs, 3, replace=False)} for q in reranked}
+    weights = (0.0, 0.25, 0.5, 1.0)
+    weight, curve = choose_weight(reranked, first, qrels, metric="RR@10", weights=weights, relevance_level=2)
+    brute = {w: compute_metrics(interpolate(reranked, first, w), qrels, metrics=("RR@10",), relevance_level=2)
+             .aggregate["RR@10"] for w in weights}
+    assert curve == brute and weight == max(weights, key=lambda w: (brute[w], w))
+    with pytest.raises(ValueError, match="at least one"):
+        choose_weight(reranked, first, qrels, weights=())

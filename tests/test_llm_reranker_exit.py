@@ -51,7 +51,11 @@ def test_adaptive_exit_thresholds_zero_inf_and_between(model_dir):
     assert exits.tolist() == [n] * pairs and rows[0] == n * pairs  # inf: the exit layer, as score_pairs
     torch.testing.assert_close(scores, reranker.score_pairs(QUERIES, DOCUMENTS, exit_layer=n), atol=1e-5, rtol=0)
     # in between: each pair stops at its first confident layer, with that layer's one-pass score
-    threshold = float(every[:, 0].abs().median())  # about half the pairs stop at layer 1
+    # about half the pairs stop at layer 1; the threshold lies midway between two pairs' layer-1 scores, because a pair
+    # exactly at it (the median) could flip between a batch of 5 and the full pass by float rounding
+    below, above = every[:, 0].abs().sort().values[pairs // 2 - 1: pairs // 2 + 1].tolist()
+    assert above - below > 1e-4
+    threshold = (below + above) / 2
     rows[0] = 0
     scores, exits = reranker.score_adaptive(QUERIES, DOCUMENTS, threshold, batch_size=5)
     for handle in handles:

@@ -17,10 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 FIGURE = re.compile(r"^\d\.\d{4}$")
 
 # Rows whose regeneration (research reproduce ... --only ROW --table experiments/results/reproduce-scifact.md) has
-# not run since the baselines file was rewritten: hours of CPU training (bi-encoder 12 min; cross-encoder stage 1
-# 20 min, stages 2-4 about 3 h; zELO votes and student about 1.5 h). Remove a row here once its table holds it.
+# not run since the baselines file was rewritten: hours of CPU training (cross-encoder stages 2-4 about 3 h; zELO
+# votes and student about 1.5 h). Remove a row here once its table holds it.
 AWAITING_REGENERATION = {
-    "bm25-cross-encoder", "bm25-cross-encoder-interpolated",
     "cross-encoder-stage2", "cross-encoder-stage3", "cross-encoder-stage4", "zelo-student",
 }
 

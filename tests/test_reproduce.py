@@ -62,6 +62,9 @@ def test_each_kind_is_a_small_class_with_its_command(tmp_path):
     fused = RerankRow(name="fused", data=data, model="ce", interpolate=0.5)
     assert fused.command(out)[-2:] == ["--interpolate", "0.5"]
     assert fused.run_path(out) == out / "interpolated" / "run.trec" and "interpolated 0.5/0.5" in fused.describe()
+    chosen = RerankRow(name="chosen", data=data, model="ce", interpolate_on="dev")
+    assert chosen.command(out)[-2:] == ["--interpolate-on", "dev"] and "--interpolate" not in chosen.command(out)
+    assert chosen.run_path(out) == out / "interpolated" / "run.trec" and "weight chosen on dev" in chosen.describe()
 
 
 @pytest.mark.parametrize("row, message", [
@@ -71,6 +74,8 @@ def test_each_kind_is_a_small_class_with_its_command(tmp_path):
     ({"name": "x", "kind": "bm25", "metrics": {"MRR": 1}}, "unknown metric"),
     ({"name": "x", "kind": "dense", "metrics": {"nDCG@10": 1}}, "'model' is required"),
     ({"name": "x", "kind": "rerank", "metrics": {"nDCG@10": 1}}, "'model' or 'train'"),
+    ({"name": "x", "kind": "rerank", "model": "m", "interpolate": 0.5, "interpolate_on": "dev",
+      "metrics": {"nDCG@10": 1}}, "not both"),
     ({"kind": "bm25", "metrics": {"nDCG@10": 1}}, "without a 'name'"),
 ])
 def test_invalid_rows_are_refused(tmp_path, row, message):

@@ -22,34 +22,29 @@ from research.cli.retrieval import print_metrics
 from research.errors import ResearchError
 from research.models.runtime import inference_autocast, resolve_device
 
+CHOICE_METRIC = "nDCG@10"  # what --interpolate-on maximises
+
 
 def cmd_rerank(args: argparse.Namespace) -> None:
-    from research.data.beir import load_dataset
-    from research.data.trec import truncate_run
     from research.eval.evaluation import evaluate_run, save_evaluation
     from research.models.scorers import ScorerOptions, load_scorer
-    from research.retrieval.rerank import BM25, candidate_run, rerank_run
 
     if args.top_k < 1:
         raise ResearchError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.interpolate_on is not None and args.interpolate_on == args.split:
+        raise ResearchError(f"--interpolate-on {args.interpolate_on}: the weight must be chosen on another split than "
+                            f"the one re-ranked (--split {args.split}), or the choice sees the figures it reports")
     device = resolve_device(args.device)
     started = time.perf_counter()
-    data = slice_queries(load_dataset(args.data, args.split), args.max_queries)
-    query_ids = list(data.judged_queries)
-    if args.candidates == BM25:  # computed over the (sliced) corpus
-        data = slice_corpus(data, args.max_docs)
-        candidates = truncate_run(candidate_run(args.candidates, data, args.top_k, query_ids), args.top_k)
-    else:  # a run file: a sliced corpus keeps every candidate of the kept queries
-        candidates = truncate_run(candidate_run(args.candidates, data, args.top_k, query_ids), args.top_k)
-        if args.max_queries is not None:
-            candidates = {q: candidates[q] for q in query_ids if q in candidates}
-        data = slice_corpus(data, args.max_docs, keep=(d for q in query_ids for d in candidates.get(q, {})))
-    first_stage = evaluate_run(candidates, data.qrels, **scoring(args))
     scorer = load_scorer(args.model, ScorerOptions(max_length=args.max_length, trust_remote_code=args.trust_remote_code,
                                                    device=device))
     set_exit_rule(scorer, args.exit_layer, args.adaptive_exit)
-    with inference_autocast(args.precision, device):
-        run = rerank_run(scorer, data, candidates, top_k=args.top_k, batch_size=args.batch_size, query_ids=query_ids)
+    weight, choice = args.interpolate, {}
+    if args.interpolate_on is not None:  # first: a missing validation split fails before the long re-rank
+        weight, choice = choose_interpolation(args, scorer, device)
+        set_exit_rule(scorer, args.exit_layer, args.adaptive_exit)  # exit counts: the reported split's pairs only
+    data, candidates, run = rerank_split(args, args.split, scorer, device)
+    first_stage = evaluate_run(candidates, data.qrels, **scoring(args))
     evaluation = evaluate_run(run, data.qrels, **scoring(args))
     exits = exit_report(scorer, args.exit_layer, args.adaptive_exit)
     info = dict(data=str(args.data), split=args.split, candidates=str(args.candidates), top_k=args.top_k,
@@ -64,17 +59,52 @@ def cmd_rerank(args: argparse.Namespace) -> None:
         print(f"exit: {exits['mean_layers_run']:.2f} decoder blocks per document on average; pairs per exit layer "
               + ", ".join(f"{layer}: {count}" for layer, count in exits["exit_counts"].items()))
     print(f"{wrote_evaluation(args.out)} ({time.perf_counter() - started:.0f} s)")
-    if args.interpolate is not None:
+    if weight is not None:
         from research.retrieval.fusion import interpolate
         from research.runs.layout import INTERPOLATED_DIR
 
-        fused = evaluate_run(interpolate(run, candidates, args.interpolate), data.qrels, **scoring(args))
+        fused = evaluate_run(interpolate(run, candidates, weight), data.qrels, **scoring(args))
         fused_dir = Path(args.out) / INTERPOLATED_DIR
         save_evaluation(fused_dir, fused, tag="interpolated", model=str(args.model), **info,
-                        weight=args.interpolate, normalization="per-query z-score")
-        print_metrics(f"interpolated ({args.interpolate:g} x re-ranker + {1 - args.interpolate:g} x candidates)",
-                      fused.metrics.aggregate)
+                        weight=weight, normalization="per-query z-score", **choice)
+        print_metrics(f"interpolated ({weight:g} x re-ranker + {1 - weight:g} x candidates"
+                      + (f", weight chosen on {args.interpolate_on})" if choice else ")"), fused.metrics.aggregate)
         print(wrote_evaluation(fused_dir))
+
+
+def rerank_split(args: argparse.Namespace, split: str, scorer, device):
+    """One split's (sliced) data, its candidates (top ``--top-k``) and the re-ranked run."""
+    from research.data.beir import load_dataset
+    from research.data.trec import truncate_run
+    from research.retrieval.rerank import BM25, candidate_run, rerank_run
+
+    data = slice_queries(load_dataset(args.data, split), args.max_queries)
+    query_ids = list(data.judged_queries)
+    if args.candidates == BM25:  # computed over the (sliced) corpus
+        data = slice_corpus(data, args.max_docs)
+        candidates = truncate_run(candidate_run(args.candidates, data, args.top_k, query_ids), args.top_k)
+    else:  # a run file: a sliced corpus keeps every candidate of the kept queries
+        candidates = truncate_run(candidate_run(args.candidates, data, args.top_k, query_ids), args.top_k)
+        if args.max_queries is not None:
+            candidates = {q: candidates[q] for q in query_ids if q in candidates}
+        data = slice_corpus(data, args.max_docs, keep=(d for q in query_ids for d in candidates.get(q, {})))
+    with inference_autocast(args.precision, device):
+        run = rerank_run(scorer, data, candidates, top_k=args.top_k, batch_size=args.batch_size, query_ids=query_ids)
+    return data, candidates, run
+
+
+def choose_interpolation(args: argparse.Namespace, scorer, device) -> tuple[float, dict]:
+    """``--interpolate-on SPLIT``: that split re-ranked the same way, and the weight of the best nDCG@10 on it."""
+    from research.retrieval.fusion import choose_weight
+
+    started = time.perf_counter()
+    data, candidates, run = rerank_split(args, args.interpolate_on, scorer, device)
+    weight, curve = choose_weight(run, candidates, data.qrels, metric=CHOICE_METRIC, **scoring(args))
+    print(f"interpolation weight chosen on {args.interpolate_on} ({len(data.judged_queries)} queries, "
+          f"{CHOICE_METRIC}): {weight:g}; curve " + ", ".join(f"{w:g}: {v:.4f}" for w, v in curve.items())
+          + f" ({time.perf_counter() - started:.0f} s)")
+    return weight, {"weight_chosen_on": args.interpolate_on, "weight_metric": CHOICE_METRIC,
+                    "weight_curve": {f"{w:g}": v for w, v in curve.items()}}
 
 
 def set_exit_rule(scorer, exit_layer: int | None, adaptive_exit: float | None) -> None:
@@ -123,9 +153,13 @@ def register(sub) -> None:
     p.add_argument("--adaptive-exit", type=float, default=None, metavar="THRESHOLD",
                    help="layer-wise LLM reranker: each document exits at the first scored layer (up to the exit layer) "
                         "whose calibrated |log-odds| >= THRESHOLD (0: the first scored layer; inf: the exit layer)")
-    p.add_argument("--interpolate", type=float, default=None, metavar="WEIGHT",
-                   help="also write OUT/interpolated: WEIGHT x z(re-ranker) + (1 - WEIGHT) x z(candidates) per query "
-                        "(default: not written)")
+    fused = p.add_mutually_exclusive_group()
+    fused.add_argument("--interpolate", type=float, default=None, metavar="WEIGHT",
+                       help="also write OUT/interpolated: WEIGHT x z(re-ranker) + (1 - WEIGHT) x z(candidates) per "
+                            "query (default: not written)")
+    fused.add_argument("--interpolate-on", default=None, metavar="SPLIT",
+                       help="also write OUT/interpolated at the weight in 0, 0.1, ..., 1 with the best nDCG@10 on SPLIT "
+                            "(a validation split of --data, re-ranked the same way; never the --split reported)")
     add_scoring(p)
     add_slice(p)
     add_quiet(p)

@@ -220,6 +220,9 @@ def parse_row(raw: dict[str, Any], defaults: dict[str, Any], path: Path, index: 
     for key in ("configs", "args", "train", "train_args", "command"):
         if isinstance(kwargs.get(key), str):
             kwargs[key] = [kwargs[key]]
+    if kwargs.get("interpolate") is not None and kwargs.get("interpolate_on") is not None:
+        raise BaselineError(f"{where(path, index, name, 'interpolate_on')} ({kind}): give 'interpolate' (a fixed "
+                            "weight) or 'interpolate_on' (a split to choose it on), not both")
     row = cls(metrics=metrics, **kwargs)
     row.needs = _needs(row)
     required = {DenseEvalRow: ("model", "'model' is required"), FitEvalRow: ("configs", "'configs' is required"),

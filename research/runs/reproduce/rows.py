@@ -180,12 +180,13 @@ class FitEvalRow(Row):
 class RerankRow(Row):
     """``research rerank`` of a candidate run; with ``train`` configs, fit the re-ranker first (``out/train/model``).
 
-    With ``interpolate: W`` the row scores ``out/interpolated/run.trec``: W x z(re-ranker) + (1 - W) x z(candidates).
+    With ``interpolate: W`` the row scores ``out/interpolated/run.trec``: W x z(re-ranker) + (1 - W) x z(candidates);
+    with ``interpolate_on: SPLIT`` the same at the weight with the best nDCG@10 on that (validation) split.
     """
 
     kind: ClassVar[str] = "rerank"
     fields: ClassVar[tuple[str, ...]] = ("model", "train", "train_args", "candidates", "batch_size", "max_length",
-                                         "interpolate")
+                                         "interpolate", "interpolate_on")
     model: str | None = None
     train: list[str] = field(default_factory=list)
     train_args: list[str] = field(default_factory=list)
@@ -193,6 +194,11 @@ class RerankRow(Row):
     batch_size: int = 32
     max_length: int | None = None
     interpolate: float | None = None
+    interpolate_on: str | None = None
+
+    @property
+    def interpolated(self) -> bool:
+        return self.interpolate is not None or self.interpolate_on is not None
 
     def model_path(self, out: Path) -> str:
         return self.model if self.model else str(out / layout.ROW_TRAIN_DIR / layout.MODEL_DIR)
@@ -205,10 +211,12 @@ class RerankRow(Row):
             command += ["--max-length", str(self.max_length)]
         if self.interpolate is not None:
             command += ["--interpolate", str(self.interpolate)]
+        if self.interpolate_on is not None:
+            command += ["--interpolate-on", self.interpolate_on]
         return command
 
     def run_path(self, out: Path) -> Path:
-        return (out / layout.INTERPOLATED_DIR if self.interpolate is not None else out) / layout.RUN_FILE
+        return (out / layout.INTERPOLATED_DIR if self.interpolated else out) / layout.RUN_FILE
 
     def commands(self, out: Path) -> list[list[str]]:
         if not self.train:
@@ -221,8 +229,11 @@ class RerankRow(Row):
 
     def describe(self) -> str:
         what = by_name(self.model) if self.model else " + ".join(Path(c).stem for c in self.train)
-        fused = (f", interpolated {self.interpolate:g}/{1 - self.interpolate:g} with {by_name(self.candidates)}"
-                 if self.interpolate is not None else "")
+        fused = ""
+        if self.interpolate is not None:
+            fused = f", interpolated {self.interpolate:g}/{1 - self.interpolate:g} with {by_name(self.candidates)}"
+        elif self.interpolate_on is not None:
+            fused = f", interpolated with {by_name(self.candidates)} (weight chosen on {self.interpolate_on})"
         return f"{by_name(self.candidates)} top-{self.top_k} re-ranked by {what}{fused}"
 
 
