@@ -27,18 +27,23 @@ TOLERANCE = 0.01
 METRICS = ("nDCG@10", "RR@10")
 
 
-def evaluate(pairs, values, qrels):
+def scored_run(pairs, values):
+    """The run of ``pairs`` scored ``values`` (a tensor row or a list)."""
     from research.data.candidates import pairs_to_run
+
+    return pairs_to_run(pairs, [float(v) for v in values])
+
+
+def evaluate(pairs, values, qrels):
     from research.eval.evaluation import evaluate_run
 
-    return evaluate_run(pairs_to_run(pairs, [float(v) for v in values]), qrels, METRICS)
+    return evaluate_run(scored_run(pairs, values), qrels, METRICS)
 
 
 def interpolated(pairs, values, bm25, weight):
-    from research.data.candidates import pairs_to_run
     from research.retrieval.fusion import interpolate
 
-    return interpolate(pairs_to_run(pairs, [float(v) for v in values]), bm25, weight)
+    return interpolate(scored_run(pairs, values), bm25, weight)
 
 
 def labels(data, pairs) -> torch.Tensor:
@@ -100,19 +105,17 @@ def analyse(splits, scores, layers, stages) -> dict:
 
     bm25_dev = evaluate_run(dev_bm25, dev.qrels, METRICS)
     bm25_test = evaluate_run(test_bm25, test.qrels, METRICS)
-    from research.data.candidates import pairs_to_run
     from research.retrieval.fusion import choose_weight
 
     rows, per_query, tests, runs = {}, {}, {}, {}
     for stage in stages:
         for i, layer in enumerate(layers):
             dev_scores, test_scores = scores[(stage, "dev")][:, i], scores[(stage, "test")][:, i]
-            weight, dev_fused = choose_weight(pairs_to_run(dev_pairs, [float(v) for v in dev_scores]), dev_bm25,
-                                              dev.qrels)
+            weight, dev_fused = choose_weight(scored_run(dev_pairs, dev_scores), dev_bm25, dev.qrels)
             raw = evaluate(test_pairs, test_scores, test.qrels).metrics
-            fused = evaluate_run(interpolated(test_pairs, test_scores, test_bm25, weight), test.qrels, METRICS).metrics
-            runs[(stage, layer)] = (pairs_to_run(test_pairs, [float(v) for v in test_scores]),
-                                    interpolated(test_pairs, test_scores, test_bm25, weight))
+            fused_run = interpolated(test_pairs, test_scores, test_bm25, weight)
+            fused = evaluate_run(fused_run, test.qrels, METRICS).metrics
+            runs[(stage, layer)] = (scored_run(test_pairs, test_scores), fused_run)
             rows[(stage, layer)] = {"test": raw.aggregate, "test_interpolated": fused.aggregate, "weight": weight,
                                     "dev": evaluate(dev_pairs, dev_scores, dev.qrels).metrics.aggregate,
                                     "dev_interpolated": dev_fused[weight]}
@@ -129,7 +132,7 @@ def analyse(splits, scores, layers, stages) -> dict:
         test_curve = adaptive_curve(test, test_pairs, scores[(stage, "test")], choice["calibration"], layers)
         chosen = next(p for p in test_curve if p["threshold"] == choice["threshold"])
         final, _ = simulate_adaptive(scores[(stage, "dev")], choice["calibration"], layers, choice["threshold"])
-        weight, _ = choose_weight(pairs_to_run(dev_pairs, [float(v) for v in final]), dev_bm25, dev.qrels)
+        weight, _ = choose_weight(scored_run(dev_pairs, final), dev_bm25, dev.qrels)
         final, _ = simulate_adaptive(scores[(stage, "test")], choice["calibration"], layers, choice["threshold"])
         chosen_fused = evaluate_run(interpolated(test_pairs, final, test_bm25, weight), test.qrels, METRICS)
         adaptive[stage] = {**choice, "test_curve": test_curve, "test_chosen": chosen, "weight": weight,
