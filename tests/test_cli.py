@@ -276,3 +276,17 @@ def test_bm25_scores_equal_hand_computed_lucene_bm25():
     assert a_tokens.count("rocket") == 2 and len(a_tokens) == 12  # a hand check of the pair ("rocket", a)
     idf = math.log(1 + (5 - 2 + 0.5) / (2 + 0.5))
     assert run["q"]["a"] == pytest.approx(idf * 2 / (2 + k1 * (1 - b + b * 12 / avgdl)), rel=1e-5)
+
+
+def test_a_command_leaves_no_process_group_behind(tiny_beir_dir, tmp_path):
+    """Lightning destroys only NCCL groups at exit; a gloo group left to interpreter exit can abort the rank."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        data_dir, _ = _bad_corpus(tiny_beir_dir, tmp_path)
+        assert main(["bm25", "--data", str(data_dir), "--out", str(tmp_path / "out")]) == 2  # on failure as well
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -91,12 +91,15 @@ def worker(out: Path, spec: dict) -> None:
     import torch.distributed as dist
     from lightning.pytorch.strategies import DDPStrategy
 
+    from research.training.distributed import close_process_group
+
     torch.set_num_threads(1)
     trainer, metrics = _fit(spec["model_dir"], spec["data_dir"], 2, DDPStrategy(process_group_backend="gloo"))
     every: list = [None] * 2
     dist.all_gather_object(every, metrics)
     if trainer.global_rank == 0:
         (out / "fit.json").write_text(json.dumps(every))
+    close_process_group()  # as the research CLI does: a gloo group left to interpreter exit can abort a rank
 
 
 def _free_port() -> int:

@@ -152,6 +152,7 @@ def worker(out: Path, spec: dict) -> None:
     import torch.distributed as dist
     from lightning.pytorch.strategies import DDPStrategy
 
+    from research.training.distributed import close_process_group
     from research.training.strategies import FullyShardStrategy
 
     warnings.filterwarnings("ignore")
@@ -182,6 +183,7 @@ def worker(out: Path, spec: dict) -> None:
                 module.save_pretrained(out / f"{name}_model")
             torch.save(result, out / f"{name}.pt")
         dist.barrier()
+    close_process_group()  # as the research CLI does: a gloo group left to interpreter exit can abort a rank
 
 
 def free_port() -> int:

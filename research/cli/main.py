@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("research: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # a command that never imported torch started no process group
+            from research.training.distributed import close_process_group
+
+            close_process_group()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,16 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def close_process_group() -> None:
+    """Destroy the default process group, if one is running, while the interpreter is still whole.
+
+    Lightning registers this at exit for NCCL only; a gloo group left to interpreter finalization can abort a rank
+    with SIGABRT after its work is done (pytorch/pytorch#179291), which turns a finished CPU DDP run into a failure.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _all_ints(values: list[int], device: torch.device | str | None) -> list[list[int]]:
     """Every rank's ``values`` in rank order (one collective)."""
     if not is_distributed():
