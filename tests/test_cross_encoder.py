@@ -342,6 +342,26 @@ def test_research_rerank_chooses_the_interpolation_weight_on_another_split(beir,
     assert not (tmp_path / "nodev").exists()
 
 
+def test_research_rerank_indexes_the_corpus_once_for_both_splits(beir, ce_dir, tmp_path, monkeypatch):
+    from research.retrieval import bm25
+
+    built = []
+
+    class CountedIndex(bm25.BM25Index):
+        def __init__(self, data, *args, **kwargs):
+            built.append(len(data.corpus))
+            super().__init__(data, *args, **kwargs)
+
+    monkeypatch.setattr(bm25, "BM25Index", CountedIndex)
+    assert main(["rerank", "--model", str(ce_dir), "--data", str(beir), "--split", "test", "--top-k", "5",
+                 "--out", str(tmp_path / "out"), "--interpolate-on", "train"]) == 0
+    assert built == [len(load_dataset(beir, "test").corpus)]  # dev and test share the corpus, so one index
+    # a sliced corpus holds its split's judged documents, so each split gets its own
+    assert main(["rerank", "--model", str(ce_dir), "--data", str(beir), "--split", "test", "--top-k", "5",
+                 "--max-docs", "4", "--out", str(tmp_path / "sliced"), "--interpolate-on", "train"]) == 0
+    assert len(built) == 3
+
+
 def test_research_rerank_detects_the_model_kind(beir, tmp_path, capsys):
     tokenizer = tiny_tokenizer(tmp_path / "bi_src")
     torch.manual_seed(2)

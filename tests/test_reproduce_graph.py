@@ -177,6 +177,36 @@ def test_a_consumer_of_a_failed_row_is_not_run(workspace):
     assert "`fused`: not run: it consumes model, scored, which did not finish" in text
 
 
+def test_a_score_row_scores_another_rows_run_without_running_anything(workspace):
+    rows = chain()[1:3] + [{"name": "again", "kind": "score", "run": {"row": "scored", "output": "run"},
+                            "metrics": {"nDCG@10": None}}]
+    path = write(workspace, rows)
+    assert read_baselines(path).by_name["again"].needs == ("scored",)
+    assert reproduce(path, only=["again"], out=workspace / "out") == 0
+    assert calls(workspace) == ["model", "scored"]  # the run file was made once, by its producer
+    result = json.loads((workspace / "out" / "reproduce.json").read_text())["rows"]
+    assert result["again"]["measured"] == result["scored"]["measured"]
+    assert result["again"]["measured"]["nDCG@10"] > 0
+
+
+def test_a_score_row_must_name_a_run_that_a_row_makes(workspace):
+    path = write(workspace, [{"name": "outside", "kind": "score", "run": "runs/old/run.trec",
+                              "metrics": {"nDCG@10": 0.5}}])
+    with pytest.raises(BaselineError, match=r"baselines.yaml:6: row 'outside' \(score\): 'run' must "
+                                            r"name another row's run file"):
+        read_baselines(path)
+
+
+def test_only_an_interpolating_rerank_offers_its_raw_run(workspace):
+    rerank = {"name": "ce", "kind": "rerank", "model": "m", "candidates": "bm25", "metrics": {"nDCG@10": None}}
+    score = {"name": "raw", "kind": "score", "run": "${rows.ce.raw}", "metrics": {"nDCG@10": None}}
+    baselines = read_baselines(write(workspace, [{**rerank, "interpolate": 0.5}, score]))
+    assert resolve(baselines.by_name["raw"], baselines.by_name, Path("R")).run == "R/ce/run.trec"
+    assert baselines.by_name["ce"].run_path(Path("R/ce")) == Path("R/ce/interpolated/run.trec")
+    with pytest.raises(BaselineError, match="row 'ce' \\(rerank\\) has no output 'raw'"):
+        read_baselines(write(workspace, [rerank, score]))
+
+
 def test_reuse_names_the_file_and_its_time_and_keeps_the_original_wall_time(workspace):
     path = write(workspace, chain(None)[1:])
     assert reproduce(path, out=workspace / "out") == 0
@@ -227,7 +257,8 @@ def _duration(seconds: float) -> str:
 def test_the_scifact_file_declares_what_every_row_consumes():
     baselines = read_baselines(Path(__file__).resolve().parents[1] / "experiments" / "baselines" / "scifact.yaml")
     rows = baselines.by_name
-    assert rows["bm25-cross-encoder"].needs == rows["bm25-cross-encoder-interpolated"].needs == ("cross-encoder-stage1",)
+    assert rows["bm25-cross-encoder-interpolated"].needs == ("cross-encoder-stage1",)
+    assert rows["bm25-cross-encoder"].needs == ("bm25-cross-encoder-interpolated",)  # one re-rank for both rows
     assert rows["cross-encoder-stage4"].needs == ("qrels-groups", "cross-encoder-stage3")
     assert rows["zelo-student"].needs == ("zelo-votes", "cross-encoder-stage1")
     assert set(rows["zelo-votes"].needs) == {"bi-encoder-finetuned", "cross-encoder-stage1"}

@@ -40,10 +40,11 @@ def cmd_rerank(args: argparse.Namespace) -> None:
                                                    device=device))
     set_exit_rule(scorer, args.exit_layer, args.adaptive_exit)
     weight, choice = args.interpolate, {}
+    bm25_indexes: dict = {}  # the whole corpus's BM25 index, built once for both splits of --interpolate-on
     if args.interpolate_on is not None:  # first: a missing validation split fails before the long re-rank
-        weight, choice = choose_interpolation(args, scorer, device)
+        weight, choice = choose_interpolation(args, scorer, device, bm25_indexes)
         set_exit_rule(scorer, args.exit_layer, args.adaptive_exit)  # exit counts: the reported split's pairs only
-    data, candidates, run = rerank_split(args, args.split, scorer, device)
+    data, candidates, run = rerank_split(args, args.split, scorer, device, bm25_indexes)
     first_stage = evaluate_run(candidates, data.qrels, **scoring(args))
     evaluation = evaluate_run(run, data.qrels, **scoring(args))
     exits = exit_report(scorer, args.exit_layer, args.adaptive_exit)
@@ -72,17 +73,23 @@ def cmd_rerank(args: argparse.Namespace) -> None:
         print(wrote_evaluation(fused_dir))
 
 
-def rerank_split(args: argparse.Namespace, split: str, scorer, device):
-    """One split's (sliced) data, its candidates (top ``--top-k``) and the re-ranked run."""
+def rerank_split(args: argparse.Namespace, split: str, scorer, device, bm25_indexes: dict | None = None):
+    """One split's (sliced) data, its candidates (top ``--top-k``) and the re-ranked run. ``bm25_indexes`` keeps the
+    BM25 index of the whole corpus for the next split (a sliced corpus depends on its split's qrels: never kept)."""
     from research.data.beir import load_dataset
     from research.data.trec import truncate_run
+    from research.retrieval.bm25 import BM25Index
     from research.retrieval.rerank import BM25, candidate_run, rerank_run
 
     data = slice_queries(load_dataset(args.data, split), args.max_queries)
     query_ids = list(data.judged_queries)
     if args.candidates == BM25:  # computed over the (sliced) corpus
         data = slice_corpus(data, args.max_docs)
-        candidates = truncate_run(candidate_run(args.candidates, data, args.top_k, query_ids), args.top_k)
+        index = None
+        if bm25_indexes is not None and args.max_docs is None:
+            index = bm25_indexes.get("corpus") or bm25_indexes.setdefault("corpus", BM25Index(data))
+        candidates = truncate_run(candidate_run(args.candidates, data, args.top_k, query_ids, bm25_index=index),
+                                  args.top_k)
     else:  # a run file: a sliced corpus keeps every candidate of the kept queries
         candidates = truncate_run(candidate_run(args.candidates, data, args.top_k, query_ids), args.top_k)
         if args.max_queries is not None:
@@ -93,12 +100,13 @@ def rerank_split(args: argparse.Namespace, split: str, scorer, device):
     return data, candidates, run
 
 
-def choose_interpolation(args: argparse.Namespace, scorer, device) -> tuple[float, dict]:
+def choose_interpolation(args: argparse.Namespace, scorer, device, bm25_indexes: dict | None = None
+                         ) -> tuple[float, dict]:
     """``--interpolate-on SPLIT``: that split re-ranked the same way, and the weight of the best nDCG@10 on it."""
     from research.retrieval.fusion import choose_weight
 
     started = time.perf_counter()
-    data, candidates, run = rerank_split(args, args.interpolate_on, scorer, device)
+    data, candidates, run = rerank_split(args, args.interpolate_on, scorer, device, bm25_indexes)
     weight, curve = choose_weight(run, candidates, data.qrels, metric=CHOICE_METRIC, **scoring(args))
     print(f"interpolation weight chosen on {args.interpolate_on} ({len(data.judged_queries)} queries, "
           f"{CHOICE_METRIC}): {weight:g}; curve " + ", ".join(f"{w:g}: {v:.4f}" for w, v in curve.items())

@@ -127,12 +127,16 @@ class BM25Index:
 
 def bm25_search(data: RetrievalDataset, k: int = 100, config: BM25Config | None = None,
                 query_ids: list[str] | None = None, show_progress: bool = False,
-                index_dir: str | Path | None = None) -> Run:
-    """Index the corpus (title + text; or load the index saved in ``index_dir``) and return the top-``k`` run for the
-    judged queries (or ``query_ids``).
+                index_dir: str | Path | None = None, index: BM25Index | None = None) -> Run:
+    """Index the corpus (title + text; or load the index saved in ``index_dir``; or search ``index``, an index of
+    this very corpus) and return the top-``k`` run for the judged queries (or ``query_ids``).
 
     Indexing and searching report as :mod:`research.progress` stages; ``show_progress`` adds bm25s' own bars."""
-    index = BM25Index(data, config, show_progress=show_progress, index_dir=index_dir)
+    if index is None:
+        index = BM25Index(data, config, show_progress=show_progress, index_dir=index_dir)
+    elif index.doc_ids != list(data.corpus):
+        raise ValueError(f"the BM25 index holds {len(index.doc_ids):,} documents that are not this corpus's "
+                         f"{len(data.corpus):,}")
     query_ids = list(query_ids if query_ids is not None else data.judged_queries)
     results, scores = index.search([data.queries[q] for q in query_ids], k, show_progress=show_progress)
     return {

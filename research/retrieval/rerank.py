@@ -18,15 +18,17 @@ from research.data.candidates import candidate_pairs, pairs_to_run
 from research.data.trec import Run, read_run
 from research.errors import ResearchError
 from research.models.scorers import PairScorer
-from research.retrieval.bm25 import bm25_search
+from research.retrieval.bm25 import BM25Index, bm25_search
 
 BM25 = "bm25"
 
 
-def candidate_run(source: str, data: RetrievalDataset, top_k: int, query_ids: list[str]) -> Run:
-    """Candidates for ``query_ids``: BM25 top-``top_k`` computed now (``source == "bm25"``) or a TREC run file."""
+def candidate_run(source: str, data: RetrievalDataset, top_k: int, query_ids: list[str],
+                  bm25_index: BM25Index | None = None) -> Run:
+    """Candidates for ``query_ids``: BM25 top-``top_k`` computed now (``source == "bm25"``; ``bm25_index``: an index of
+    ``data``'s corpus built earlier) or a TREC run file."""
     if source == BM25:
-        return bm25_search(data, k=top_k, query_ids=query_ids, show_progress=False)
+        return bm25_search(data, k=top_k, query_ids=query_ids, show_progress=False, index=bm25_index)
     if not Path(source).is_file():
         raise ResearchError(f"candidates '{source}': neither 'bm25' nor a run file")
     return read_run(source)

@@ -12,7 +12,7 @@ A baselines file::
     tolerance: 0.002               # |measured - expected| allowed
     rows:
       - name: bm25
-        kind: bm25                 # bm25 | dense | fit | rerank | command  (one small class each, ROW_KINDS)
+        kind: bm25                 # bm25 | dense | fit | rerank | command | score  (one class each, ROW_KINDS)
         metrics:
           nDCG@10: {expected: 0.6863, published: 0.687, tolerance: 0.001}
       - name: cross-encoder-stage1
@@ -21,7 +21,12 @@ A baselines file::
       - name: bm25-cross-encoder
         kind: rerank
         model: {row: cross-encoder-stage1}           # that row's main output (a fit row's: its model)
-        metrics: {nDCG@10: {expected: 0.6516}}
+        interpolate: 0.5           # it scores out/interpolated/run.trec, and leaves the re-ranker's own run.trec
+        metrics: {nDCG@10: {expected: 0.7272}}
+      - name: bm25-cross-encoder-raw
+        kind: score                # runs nothing: scores a run file another row writes
+        run: {row: bm25-cross-encoder, output: raw}
+        metrics: {nDCG@10: {expected: 0.6585}}
       - name: qrels-groups
         kind: command              # any command lines; ${out} is the row's folder
         command: research zelo qrels-groups --data scifact --top-n 20 --out ${out}/groups.jsonl
@@ -36,7 +41,7 @@ A baselines file::
 
 A row consumes another row's output through ``{row: NAME[, output: OUT][, path: SUB]}`` or ``${rows.NAME[.OUT]}``
 in any of its fields (outputs: ``out`` the row folder, ``run`` its run file, ``model`` a fit row's model, ``output``
-a command row's); the rows run in dependency order, so ``--only X`` runs what X consumes first. An unknown row, an
+a command row's, ``raw`` an interpolating re-rank's own run); the rows run in dependency order, so ``--only X`` runs what X consumes first. An unknown row, an
 unknown output or a cycle is one error line naming the file and the line.
 
 Each row writes into ``<out>/<row name>/``, which is deleted first (with a command row's ``output`` elsewhere), so
@@ -68,12 +73,13 @@ from research.runs.reproduce.rows import (
     MetricTarget,
     RerankRow,
     Row,
+    ScoreRow,
 )
 from research.runs.reproduce.runner import reproduce, run_row, score_run
 from research.runs.reproduce.table import RowResult, markdown_table, results_json
 
 __all__ = [
     "ROW_KINDS", "BM25Row", "BaselineError", "Baselines", "CommandRow", "DenseEvalRow", "FitEvalRow", "MetricTarget",
-    "RerankRow", "Row", "RowResult", "load_baselines", "markdown_table", "read_baselines", "reproduce", "resolve",
+    "RerankRow", "Row", "RowResult", "ScoreRow", "load_baselines", "markdown_table", "read_baselines", "reproduce", "resolve",
     "results_json", "run_order", "run_row", "score_run",
 ]

@@ -22,6 +22,7 @@ from research.runs.reproduce.rows import (
     MetricTarget,
     RerankRow,
     Row,
+    ScoreRow,
 )
 
 DEFAULTS = ("data", "split", "relevance_level", "queries_without_relevant", "tolerance", "top_k", "precision")
@@ -232,6 +233,10 @@ def parse_row(raw: dict[str, Any], defaults: dict[str, Any], path: Path, index: 
         key, message = required[type(row)]
         if not (getattr(row, key) or (isinstance(row, RerankRow) and row.train)):
             raise BaselineError(f"{at} ({kind}): {message}")
+    if isinstance(row, ScoreRow) and not (isinstance(row.run, str) and REFERENCE.search(row.run)):
+        # a file from outside the baselines is an artefact no row reproduces
+        raise BaselineError(f"{where(path, index, name, 'run')} ({kind}): 'run' must name another row's run file "
+                            f"({{row: NAME, output: OUTPUT}} or ${{rows.NAME.OUTPUT}}), got {row.run!r}")
     return row
 
 

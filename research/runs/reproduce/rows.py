@@ -218,6 +218,10 @@ class RerankRow(Row):
     def run_path(self, out: Path) -> Path:
         return (out / layout.INTERPOLATED_DIR if self.interpolated else out) / layout.RUN_FILE
 
+    def outputs(self, out: Path) -> dict[str, Path]:
+        # an interpolating re-rank also leaves the re-ranker's own run: a score row reads it without re-ranking again
+        return {**super().outputs(out), **({"raw": out / layout.RUN_FILE} if self.interpolated else {})}
+
     def commands(self, out: Path) -> list[list[str]]:
         if not self.train:
             return super().commands(out)
@@ -275,4 +279,24 @@ class CommandRow(Row):
         return "command: " + " && ".join(by_name(line).split(" --")[0] for line in self.command)
 
 
-ROW_KINDS: dict[str, type[Row]] = {cls.kind: cls for cls in (BM25Row, DenseEvalRow, FitEvalRow, RerankRow, CommandRow)}
+@dataclass
+class ScoreRow(Row):
+    """Scores a run file that another row writes (``run: ${rows.NAME.OUTPUT}``) and runs nothing itself, so that one
+    run serves two rows: a re-ranker's own run beside its interpolation, made by one ``research rerank``."""
+
+    kind: ClassVar[str] = "score"
+    fields: ClassVar[tuple[str, ...]] = ("run",)
+    run: str = ""
+
+    def commands(self, out: Path) -> list[list[str]]:
+        return []
+
+    def run_path(self, out: Path) -> Path:
+        return Path(self.run)
+
+    def describe(self) -> str:
+        return f"score: {by_name(self.run)}"
+
+
+ROW_KINDS: dict[str, type[Row]] = {cls.kind: cls for cls in (BM25Row, DenseEvalRow, FitEvalRow, RerankRow, CommandRow,
+                                                             ScoreRow)}
